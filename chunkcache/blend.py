@@ -1,0 +1,121 @@
+"""What each mode recomputes: the prompt layout, the tokens run from layer 0, and the selector.
+
+Pure functions over positions and scores; `forward.forward_tokens` runs what they decide.
+  full   every token from scratch (the baseline; nothing is read from the store)
+  reuse  cached prefix and chunks re-rotated into place; only the suffix is computed
+  epic   the suffix plus the first `epic_tokens` of every chunk after the first (EPIC)
+  blend  every non-prefix token through the check layer, then the top `ratio` of chunk tokens
+         by score plus the whole suffix (CacheBlend, DESIGN.md section 4)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from blend_kernels import select_tokens, token_deviation
+
+from .forward import LayerProbe, Selector
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Where everything sits in one prompt: [prefix][chunk 1]...[chunk k][suffix]."""
+
+    prefix_len: int
+    chunk_lens: tuple[int, ...]
+    suffix_len: int
+
+    @property
+    def chunk_starts(self) -> list[int]:
+        starts, pos = [], self.prefix_len
+        for n in self.chunk_lens:
+            starts.append(pos)
+            pos += n
+        return starts
+
+    @property
+    def suffix_start(self) -> int:
+        return self.prefix_len + sum(self.chunk_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.suffix_start + self.suffix_len
+
+    @property
+    def num_chunk_tokens(self) -> int:
+        return sum(self.chunk_lens)
+
+
+def initial_positions(mode: str, layout: PromptLayout, epic_tokens: int = 16) -> torch.Tensor:
+    """Positions computed from layer 0 (int64, increasing)."""
+    if mode == "full":
+        return torch.arange(layout.num_tokens)
+    suffix = torch.arange(layout.suffix_start, layout.num_tokens)
+    if mode == "reuse":
+        return suffix
+    if mode == "blend":
+        return torch.arange(layout.prefix_len, layout.num_tokens)
+    if mode == "epic":
+        heads = [torch.arange(s, s + min(epic_tokens, n))
+                 for s, n in zip(layout.chunk_starts[1:], layout.chunk_lens[1:])]
+        return torch.cat(heads + [suffix])
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def num_to_select(layout: PromptLayout, ratio: float) -> int:
+    return int(round(ratio * layout.num_chunk_tokens))
+
+
+def blend_selector(layout: PromptLayout, ratio: float, *, deviation: str = "value",
+                   selection: str = "deviation") -> Selector:
+    """Selector for the check layer: top `ratio` of chunk tokens by score, plus every suffix token.
+
+    selection: "deviation" (squared L2 between fresh and cached K or V, as CacheBlend),
+    "query" (attention the question's tokens pay to each chunk token, as ProphetKV), or
+    "hybrid" (half the budget each, query first).
+    """
+    budget = num_to_select(layout, ratio)
+
+    def select(probe: LayerProbe) -> torch.Tensor:
+        is_suffix = probe.positions >= layout.suffix_start
+        if selection == "deviation":
+            scores = deviation_scores(probe, deviation)
+            return select_tokens(scores, budget, always=is_suffix)
+        query = query_attention_scores(probe, is_suffix)
+        if selection == "query":
+            return select_tokens(query, budget, always=is_suffix)
+        if selection == "hybrid":
+            first = select_tokens(query, budget // 2, always=is_suffix)
+            taken = torch.zeros_like(is_suffix)
+            taken[first] = True
+            return select_tokens(deviation_scores(probe, deviation), budget - budget // 2, always=taken)
+        raise ValueError(f"unknown selection {selection!r}")
+
+    return select
+
+
+def deviation_scores(probe: LayerProbe, which: str) -> torch.Tensor:
+    """fp32 [n]: how far each token's fresh K or V at the check layer is from its cached one."""
+    if which == "key":
+        return token_deviation(probe.fresh_k, probe.cached_k)
+    if which == "value":
+        return token_deviation(probe.fresh_v, probe.cached_v)
+    raise ValueError(f"unknown deviation {which!r}; use key or value")
+
+
+def query_attention_scores(probe: LayerProbe, is_suffix: torch.Tensor) -> torch.Tensor:
+    """fp32 [n]: attention mass the suffix (question) queries put on each computed token, at the check layer.
+
+    Keys are the fresh ones of this layer; the softmax runs over the prefix and all computed
+    tokens before the suffix, so scores are comparable across chunks.
+    """
+    q = probe.q[:, is_suffix].float()  # [q_heads, ns, D]
+    keys = torch.cat((probe.cache.k[probe.layer][:, :int(probe.positions[0])], probe.fresh_k[:, ~is_suffix]), dim=1)
+    group = q.shape[0] // keys.shape[0]
+    keys = keys.float().repeat_interleave(group, dim=0)  # [q_heads, P + nc, D]
+    weights = torch.softmax(q @ keys.transpose(1, 2) * q.shape[-1] ** -0.5, dim=-1)
+    chunk_mass = weights[..., int(probe.positions[0]):].sum(dim=(0, 1))  # [nc]
+    scores = torch.zeros(len(probe.positions), dtype=torch.float32, device=chunk_mass.device)
+    scores[~is_suffix] = chunk_mass
+    return scores

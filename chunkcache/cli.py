@@ -1,0 +1,209 @@
+"""`chunkcache` command line: ingest, query, demo, info, serve, bench.
+
+The CLI only translates flags into a ChunkCacheConfig and calls the library.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .config import DEVIATIONS, INDEX_KINDS, KV_DTYPES, MODES, SELECTIONS, ChunkCacheConfig, cache_home
+from .corpus import SUPPORTED_SUFFIXES
+
+DEFAULT_STORE = os.environ.get("CHUNKCACHE_STORE", "stores/default")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the store holds every batch written so far; re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chunkcache", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="chunk, embed and precompute KV caches for files and directories",
+                       description="Chunk files with the LLM's tokenizer, embed them into a Faiss index and store "
+                       "each chunk's KV cache in LMDB. Re-running skips unchanged files and stored chunks; an "
+                       "interrupted run resumes. Supported files: " + " ".join(SUPPORTED_SUFFIXES) + " (JSON Lines: "
+                       "one document per line with a 'text' field, optional 'title'); directories are read "
+                       "recursively; other, binary or non-UTF-8 files are skipped and reported.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    _store_args(p)
+    p.add_argument("--chunk-tokens", type=int, default=256, help="chunk size in LLM tokens (default 256)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float16")
+    p.add_argument("--index-kind", choices=INDEX_KINDS, default="flat",
+                   help="Faiss index: flat (exact, default), hnsw or ivf for large corpora")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("query", help="answer a question over a store")
+    p.add_argument("question")
+    _store_args(p)
+    _query_args(p)
+    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("demo", help="ingest the bundled sample corpus and ask it questions (full vs blend)")
+    _store_args(p, default="stores/demo")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="describe a store: models, settings, size")
+    _store_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="run the HTTP API (FastAPI under uvicorn)")
+    _store_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def _store_args(p: argparse.ArgumentParser, default: str = DEFAULT_STORE) -> None:
+    p.add_argument("--store", default=default, help=f"store directory (default {default})")
+    p.add_argument("--model", default=None, help="LLM: 'default' (SmolLM2-135M-Instruct), a HF id or a local dir")
+    p.add_argument("--embedder", default=None, help="sentence-transformers model (default all-MiniLM-L6-v2)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _query_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=MODES, default=None, help="default blend")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--ratio", type=float, default=None, dest="recompute_ratio", help="blend recompute ratio")
+    p.add_argument("--check-layer", type=int, default=None)
+    p.add_argument("--deviation", choices=DEVIATIONS, default=None)
+    p.add_argument("--selection", choices=SELECTIONS, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--logprobs", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--doc", action="append", dest="documents", default=None,
+                   help="use this text as a chunk instead of retrieval (repeatable)")
+
+
+def overrides_from(args, names) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def open_pipeline(args, **extra):
+    from .pipeline import RAGPipeline
+
+    overrides = overrides_from(args, ("model", "embedder", "device", "threads", "check_layer", "deviation",
+                                      "selection"))
+    return RAGPipeline.open(args.store, **overrides, **extra)
+
+
+def cmd_ingest(args) -> int:
+    from .pipeline import RAGPipeline
+
+    overrides = overrides_from(args, ("model", "embedder", "device", "threads", "chunk_tokens", "kv_dtype",
+                                      "index_kind"))
+    pipe = RAGPipeline.open(args.store, **overrides)
+    report = pipe.ingest(args.paths, progress=not args.no_progress)
+    print(report.summary())
+    print(_store_line(pipe))
+    return 0
+
+
+def cmd_query(args) -> int:
+    pipe = open_pipeline(args)
+    kwargs = overrides_from(args, ("mode", "top_k", "recompute_ratio", "max_new_tokens", "documents", "seed"))
+    kwargs.update(temperature=args.temperature, top_p=args.top_p, logprobs=args.logprobs)
+    if args.stream and not args.json:
+        answer = None
+        for event in pipe.events(args.question, **kwargs):
+            if isinstance(event, str):
+                print(event, end="", flush=True)
+            else:
+                answer = event
+        print()
+    else:
+        answer = pipe.query(args.question, **kwargs)
+    if args.json:
+        print(json.dumps(answer.to_dict(), indent=2))
+        return 0
+    if not args.stream:
+        print(answer.text)
+    print(format_details(answer))
+    return 0
+
+
+def format_details(answer) -> str:
+    s, t = answer.stats, answer.timings
+    lines = ["", "sources:"]
+    for i, src in enumerate(answer.sources, 1):
+        score = f"{src.score:.3f}" if src.score is not None else "given"
+        snippet = " ".join(src.text.split())[:90]
+        lines.append(f"  [{i}] {score} {'hit ' if src.hit else 'miss'} {src.source}: {snippet}")
+    lines.append(f"TTFT {answer.ttft_s * 1000:.0f} ms (retrieve {t.retrieve_s * 1000:.0f}, load {t.load_s * 1000:.0f}, "
+                 f"prefill {t.prefill_s * 1000:.0f}) | decode {t.decode_s:.2f} s for {s.completion_tokens} tokens")
+    lines.append(f"mode {s.mode}: {s.prompt_tokens} prompt tokens, {s.cached_tokens} reused from cache, "
+                 f"{s.recomputed_tokens} recomputed ({s.recompute_fraction:.0%} of chunk tokens), "
+                 f"chunks {s.chunk_hits} hit / {s.chunk_misses} miss"
+                 + (f", {s.dropped_chunks} dropped to fit the context" if s.dropped_chunks else ""))
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    from .demo_corpus import DEMO_QUESTIONS, write_demo_corpus
+    from .pipeline import RAGPipeline
+
+    corpus = write_demo_corpus(cache_home() / "demo_corpus")
+    print(f"demo corpus: {corpus} (Python language reference topics from pydoc_data)")
+    pipe = RAGPipeline.open(args.store, **overrides_from(args, ("model", "embedder", "device", "threads")))
+    print(pipe.ingest([corpus]).summary())
+    print(_store_line(pipe))
+    for question in DEMO_QUESTIONS:
+        print(f"\nQ: {question}")
+        for mode in ("full", "blend"):
+            answer = pipe.query(question, mode=mode, max_new_tokens=args.max_new_tokens)
+            print(f"--- {mode}: {answer.text}")
+            print(format_details(answer).split("\n", 2)[2] if mode == "blend" else
+                  f"TTFT {answer.ttft_s * 1000:.0f} ms ({answer.stats.prompt_tokens} prompt tokens)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .storedir import ChunkStore
+
+    store = ChunkStore(args.store, readonly=True)
+    manifest = store.manifest or {}
+    print(json.dumps({"store": str(store.path), "manifest": manifest, "stats": store.kv.stats()}, indent=2,
+                     default=str))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    serve(args)
+    return 0
+
+
+def _store_line(pipe) -> str:
+    stats = pipe.rt.store.kv.stats()
+    return (f"store {pipe.rt.store_path}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

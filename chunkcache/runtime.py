@@ -1,0 +1,114 @@
+"""Everything a store is used with: config, model, embedder, prompt template and the store itself.
+
+`Runtime.open` is the one place that decides which models and settings a store is opened with:
+an existing store's manifest wins, overrides that would change its tensors are refused.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from store import KV_FORMAT_VERSION, chunk_key
+
+from .config import ChunkCacheConfig
+from .kvcompute import kv_dtype_of
+from .models import LoadedModel, load_model
+from .prompt import PromptTemplate, build_template
+from .storedir import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    config: ChunkCacheConfig
+    lm: LoadedModel
+    embedder: object  # retriever.Embedder
+    template: PromptTemplate
+    store: ChunkStore
+    # The model runs one request at a time: the layer loop mutates a per-request cache but
+    # shares the model's modules and torch's thread pool.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @classmethod
+    def open(cls, store_dir, config: ChunkCacheConfig | None = None, *, lm: LoadedModel | None = None,
+             embedder=None, **overrides) -> "Runtime":
+        """Open (or create) the store at `store_dir` with the models and settings it was built with.
+
+        Args:
+            store_dir: the store directory; created with the default (or given) models if missing or empty.
+            config: base settings (default: ChunkCacheConfig()).
+            lm, embedder: already-loaded models to use instead of loading `config.model` / `config.embedder`.
+            overrides: ChunkCacheConfig fields; for an existing store these may not change what its tensors hold.
+        """
+        store = ChunkStore(store_dir)
+        config = (config or ChunkCacheConfig()).replace(**overrides)
+        manifest = store.manifest
+        if manifest is not None:
+            recorded = {k: manifest[k] for k in ChunkCacheConfig.STORE_FIELDS if k in manifest}
+            changed = {k: v for k, v in overrides.items() if k in recorded and recorded[k] != v
+                       and k not in ("model", "embedder")}
+            if changed:
+                raise ValueError(f"store {store_dir} was built with {({k: recorded[k] for k in changed})}; "
+                                 f"these settings cannot be overridden for it (asked: {changed})")
+            config = config.replace(**{k: v for k, v in recorded.items() if k not in overrides})
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if lm is None:
+            lm = load_model(config.model, device=config.device, compute_dtype=config.compute_dtype)
+        if embedder is None:
+            from retriever import Embedder
+            embedder = Embedder(config.embedder)
+        runtime = cls(config, lm, embedder, build_template(lm.tokenizer, config.system_prompt, config.instruction),
+                      store)
+        expected = runtime.expected_manifest()
+        store.check_manifest(expected)
+        if manifest is None:
+            store.write_manifest(expected)
+        return runtime
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return kv_dtype_of(self.config.kv_dtype)
+
+    def expected_manifest(self) -> dict:
+        return {
+            "format_version": KV_FORMAT_VERSION,
+            "model": self.lm.spec,
+            "model_fingerprint": self.lm.fingerprint,
+            "embedder": getattr(self.embedder, "name", self.config.embedder),
+            "embedder_fingerprint": self.embedder.fingerprint,
+            "embedding_dim": self.embedder.dim,
+            "kv_dtype": self.config.kv_dtype,
+            "chunk_tokens": self.config.chunk_tokens,
+            "system_prompt": self.config.system_prompt,
+            "instruction": self.config.instruction,
+            "prefix_hash": self.template.prefix_hash,
+            "index_kind": self.config.index_kind,
+            "num_layers": self.lm.num_layers,
+            "num_kv_heads": self.lm.num_kv_heads,
+            "head_dim": self.lm.head_dim,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def key_for(self, token_ids, namespace: str | None = None) -> bytes:
+        """The store key of a chunk computed after this runtime's prefix."""
+        ns = self.config.namespace if namespace is None else namespace
+        return chunk_key(self.lm.fingerprint, self.template.prefix_ids, token_ids,
+                         kv_dtype=self.config.kv_dtype, namespace=ns)
+
+    def prefix_key(self) -> bytes:
+        # The prefix is computed after nothing; it is shared by every namespace (it holds no user data).
+        return chunk_key(self.lm.fingerprint, (), self.template.prefix_ids, kv_dtype=self.config.kv_dtype)
+
+    @property
+    def store_path(self) -> Path:
+        return self.store.path
+
+    def close(self) -> None:
+        self.store.close()

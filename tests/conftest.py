@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny random-init Llama-style model with the real SmolLM2 tokenizer, and a
+deterministic bag-of-words embedder, so pipeline tests run in seconds without any download."""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pytest
+import torch
+
+TINY_LAYERS = 4
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from chunkcache.models import default_gguf_path
+
+    gguf = default_gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def make_tiny_lm(tokenizer, *, seed: int = 0, layers: int = TINY_LAYERS, rope_parameters=None, model_type="llama"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chunkcache.models import prepare_model
+
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=layers,
+                  num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
+    if rope_parameters is not None:
+        kwargs["rope_parameters"] = rope_parameters
+    config = LlamaConfig(**kwargs)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Random init with std 0.02 gives near-uniform attention; larger weights make positions and
+    # context matter, so the exactness tests can tell right from wrong.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return prepare_model(model, tokenizer, spec=f"tiny-random-{seed}", device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tokenizer):
+    return make_tiny_lm(tokenizer)
+
+
+class HashEmbedder:
+    """Bag-of-words hashing embedder: deterministic, instant, and good enough to retrieve by word overlap."""
+
+    name = "hash-bow-64"
+    fingerprint = "hash-bow-64-v1"
+    dim = 64
+
+    def encode(self, texts):
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"\w+", text.lower()):
+                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-9)
+
+
+@pytest.fixture(scope="session")
+def hash_embedder():
+    return HashEmbedder()
+
+
+@pytest.fixture
+def tiny_pipe(tmp_path, tiny_lm, hash_embedder):
+    from chunkcache import RAGPipeline
+
+    pipe = RAGPipeline.open(tmp_path / "store", lm=tiny_lm, embedder=hash_embedder, kv_dtype="float32",
+                            chunk_tokens=48, max_new_tokens=8)
+    yield pipe
+    pipe.close()
+
+
+DOCS = [
+    "The Amazon river flows through Brazil. It carries more water than any other river on Earth.",
+    "Mount Everest is the highest mountain above sea level. It lies in the Himalayas on the border of Nepal.",
+    "The Eiffel Tower was built for the 1889 World's Fair in Paris. Gustave Eiffel's company designed it.",
+]
+
+
+@pytest.fixture
+def docs():
+    return list(DOCS)

@@ -1,0 +1,133 @@
+"""The blend path's mathematical invariants (DESIGN.md section 5), on a tiny random-init model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blend_kernels import rerotate_keys
+from chunkcache.blend import PromptLayout, initial_positions
+from chunkcache.forward import forward_tokens, new_cache
+
+QUESTION = "Where is Mount Everest?"
+FORCED = [1000, 2000, 3000, 4000, 5000]
+
+
+def test_full_prefill_matches_transformers_forward(tiny_lm):
+    ids = torch.randint(0, tiny_lm.config.vocab_size, (37,), generator=torch.Generator().manual_seed(1))
+    cache = new_cache(tiny_lm, 40)
+    ours = forward_tokens(tiny_lm, cache, ids, torch.arange(37), all_logits=True).logits
+    with torch.no_grad():
+        ref = tiny_lm.hf_model(ids[None]).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_incremental_decode_matches_one_prefill(tiny_lm):
+    ids = torch.randint(0, tiny_lm.config.vocab_size, (20,), generator=torch.Generator().manual_seed(2))
+    whole = forward_tokens(tiny_lm, new_cache(tiny_lm, 20), ids, torch.arange(20), all_logits=True).logits
+    cache = new_cache(tiny_lm, 20)
+    forward_tokens(tiny_lm, cache, ids[:12], torch.arange(12))
+    tail = forward_tokens(tiny_lm, cache, ids[12:], torch.arange(12, 20), all_logits=True).logits
+    torch.testing.assert_close(tail, whole[12:], rtol=1e-4, atol=1e-4)
+
+
+def test_blend_ratio_one_equals_full(tiny_pipe, docs):
+    full, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="full")
+    blend, stats = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="blend", recompute_ratio=1.0)
+    assert stats.recompute_fraction == 1.0
+    torch.testing.assert_close(blend, full, rtol=1e-4, atol=1e-4)
+
+
+def test_single_chunk_after_prefix_reuse_equals_full(tiny_pipe, docs):
+    full, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs[:1], mode="full")
+    reuse, stats = tiny_pipe.score(QUESTION, FORCED, documents=docs[:1], mode="reuse")
+    assert stats.recompute_fraction == 0.0 and stats.cached_tokens > 0
+    torch.testing.assert_close(reuse, full, rtol=1e-4, atol=1e-4)
+
+
+def test_reuse_of_several_chunks_differs_from_full(tiny_pipe, docs):
+    """Guards the tests above from passing vacuously: cross-chunk attention must matter."""
+    full, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="full")
+    reuse, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="reuse")
+    assert (full - reuse).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("a,b", [(0, 5), (7, 0), (3, 300), (100, 41)])
+def test_rerotated_keys_equal_keys_computed_at_target(tiny_lm, a, b):
+    """A whole sequence shifted by b-a has the same hidden states (RoPE is relative), so every layer's
+    keys computed at b must equal the keys computed at a re-rotated by b-a."""
+    ids = torch.randint(0, tiny_lm.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    model = tiny_lm.hf_model
+
+    def keys_at(start):
+        with torch.no_grad():
+            out = model(ids, position_ids=torch.arange(start, start + 24)[None], use_cache=True)
+        return torch.stack([layer.keys[0] for layer in out.past_key_values.layers])  # [L, H, T, D]
+
+    moved = rerotate_keys(keys_at(a), torch.full((24,), b - a), tiny_lm.inv_freq)
+    torch.testing.assert_close(moved, keys_at(b), rtol=1e-4, atol=1e-4)
+
+
+def test_rerotation_composes(tiny_lm):
+    keys = torch.randn(3, 2, 11, tiny_lm.head_dim)
+    d1, d2 = torch.full((11,), 17), torch.full((11,), -5)
+    twice = rerotate_keys(rerotate_keys(keys, d1, tiny_lm.inv_freq), d2, tiny_lm.inv_freq)
+    once = rerotate_keys(keys, d1 + d2, tiny_lm.inv_freq)
+    torch.testing.assert_close(twice, once, rtol=1e-5, atol=1e-5)
+
+
+def _final_cache_rows(pipe, question, docs):
+    """The request cache after a blend prefill (chunk rows at every layer)."""
+    req = pipe._request(question, None, docs, "blend", 0.3, 4, 0.0, 1.0, 0, None, None)
+    prep = pipe._prepare(req)
+    return prep.cache, prep.layout
+
+
+def test_selected_queries_never_see_later_keys(tiny_pipe, docs):
+    """Chunk tokens come before the question, so their recomputed KV must not depend on it.
+
+    Deviation selection at the check layer does not look at the question either, so two questions
+    give the same selection; with a bottom-right-aligned mask (the reference implementations' bug)
+    early selected tokens would see the question's keys and these rows would differ.
+    """
+    cache_a, layout = _final_cache_rows(tiny_pipe, "Where is Mount Everest?", docs)
+    cache_b, _ = _final_cache_rows(tiny_pipe, "Who designed the Eiffel Tower for the fair in Paris, France?", docs)
+    end = layout.suffix_start
+    torch.testing.assert_close(cache_a.k[:, :, :end], cache_b.k[:, :, :end], rtol=0, atol=0)
+    torch.testing.assert_close(cache_a.v[:, :, :end], cache_b.v[:, :, :end], rtol=0, atol=0)
+
+
+def test_suffix_always_recomputed(tiny_pipe, docs):
+    answer = tiny_pipe.query(QUESTION, documents=docs, mode="blend", recompute_ratio=0.0, max_new_tokens=1)
+    suffix_len = answer.stats.prompt_tokens - answer.stats.cached_tokens
+    assert answer.stats.recompute_fraction == 0.0
+    assert answer.stats.recomputed_tokens == suffix_len > 1
+
+
+def test_blend_does_not_modify_stored_entries(tiny_pipe, docs):
+    tiny_pipe.query(QUESTION, documents=docs, mode="reuse", max_new_tokens=1)  # stores the chunks
+    keys = [bytes.fromhex(s.key) for s in tiny_pipe.query(QUESTION, documents=docs, mode="reuse",
+                                                          max_new_tokens=1).sources]
+    with tiny_pipe.rt.store.kv.reader() as r:
+        before = [r.kv(k).clone() for k in keys]
+    answer = tiny_pipe.query(QUESTION, documents=docs, mode="blend", recompute_ratio=0.5, max_new_tokens=3)
+    assert answer.stats.chunk_hits == len(docs)
+    with tiny_pipe.rt.store.kv.reader() as r:
+        for k, old in zip(keys, before):
+            assert torch.equal(r.kv(k), old)
+
+
+def test_blend_ratio_trades_recompute_for_fidelity(tiny_pipe, docs):
+    full, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="full")
+    errors = []
+    for ratio in (0.0, 0.5, 1.0):
+        blend, stats = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="blend", recompute_ratio=ratio)
+        assert abs(stats.recompute_fraction - ratio) < 0.05
+        errors.append((blend - full).abs().max().item())
+    assert errors[0] >= errors[1] >= errors[2]
+    assert errors[2] < 1e-4
+
+
+def test_epic_recomputes_heads_of_later_chunks():
+    layout = PromptLayout(prefix_len=5, chunk_lens=(10, 4, 10), suffix_len=3)
+    positions = initial_positions("epic", layout, epic_tokens=6).tolist()
+    assert positions == [15, 16, 17, 18] + [19, 20, 21, 22, 23, 24] + [29, 30, 31]
