@@ -232,10 +232,14 @@ def default_model_dir() -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        # GGUF loading marks the config as quantized; the saved weights are plain fp32.
+        # transformers refuses save_pretrained on a GGUF-loaded model, though its weights are
+        # plain de-quantized fp32 by now: write config and weights directly.
+        from safetensors.torch import save_model
+
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
     except OSError:

@@ -53,6 +53,9 @@ class Request:
     logprobs: int
     seed: int | None
     namespace: str
+    check_layer: int
+    deviation: str
+    selection: str
 
 
 @dataclass
@@ -106,7 +109,8 @@ class RAGPipeline:
     def events(self, question: str, *, top_k: int | None = None, documents: Sequence[str] | None = None,
                mode: str | None = None, recompute_ratio: float | None = None, max_new_tokens: int | None = None,
                temperature: float = 0.0, top_p: float = 1.0, logprobs: int = 0, seed: int | None = None,
-               namespace: str | None = None) -> Iterator[str | Answer]:
+               namespace: str | None = None, check_layer: int | None = None, deviation: str | None = None,
+               selection: str | None = None) -> Iterator[str | Answer]:
         """Text pieces as they are decoded, then the final `Answer`.
 
         Args:
@@ -119,9 +123,11 @@ class RAGPipeline:
             max_new_tokens, temperature (0 = greedy), top_p, seed: decoding.
             logprobs: return the top-`logprobs` log-probabilities of each generated token (0-20).
             namespace: tenant salt for chunk keys (default from config).
+            check_layer, deviation ("key"/"value"), selection ("deviation"/"query"/"hybrid"): blend
+                settings for this request (default from config).
         """
         req = self._request(question, top_k, documents, mode, recompute_ratio, max_new_tokens, temperature,
-                            top_p, logprobs, seed, namespace)
+                            top_p, logprobs, seed, namespace, check_layer, deviation, selection)
         with self.rt.lock:
             prep = self._prepare(req)
             yield from self._decode(req, prep)
@@ -130,24 +136,49 @@ class RAGPipeline:
     def score(self, question: str, forced_ids: Sequence[int], **kwargs) -> tuple[torch.Tensor, CacheStats]:
         """Teacher-forced log-probabilities: the distribution of each answer position given `forced_ids`
         before it, through this mode's cache. Returns (fp32 [len(forced_ids), vocab], stats)."""
+        logprobs, answer = self.evaluate(question, forced_ids, max_new_tokens=max(1, len(forced_ids)),
+                                         free_running=False, **kwargs)
+        return logprobs, answer.stats
+
+    def evaluate(self, question: str, forced_ids: Sequence[int] | None, *, free_running: bool = True,
+                 **kwargs) -> tuple[torch.Tensor | None, Answer]:
+        """One prefill, measured two ways (for fidelity benchmarks).
+
+        Teacher-forced: the log-probabilities of each answer position given `forced_ids` before it,
+        fp32 [len(forced_ids), vocab] (None without forced_ids). Free-running: the mode's own greedy
+        answer (with free_running; its TTFT is that of a normal query). Rows past the prompt that
+        teacher forcing wrote are overwritten by decoding before they are read (each step writes its
+        own row first and attends only to rows at or before it).
+        """
+        kwargs.setdefault("max_new_tokens", len(forced_ids) if forced_ids else None)
         req = self._request(question, kwargs.pop("top_k", None), kwargs.pop("documents", None),
-                            kwargs.pop("mode", None), kwargs.pop("recompute_ratio", None), len(forced_ids),
-                            0.0, 1.0, 0, None, kwargs.pop("namespace", None))
+                            kwargs.pop("mode", None), kwargs.pop("recompute_ratio", None),
+                            kwargs.pop("max_new_tokens"), 0.0, 1.0, 0, None, kwargs.pop("namespace", None),
+                            kwargs.pop("check_layer", None), kwargs.pop("deviation", None),
+                            kwargs.pop("selection", None))
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-        with self.rt.lock:
+        with self.rt.lock, torch.inference_mode():
             prep = self._prepare(req)
-            rows = [prep.logits]
-            if len(forced_ids) > 1:
-                n = len(prep.prompt_ids)
-                ids = torch.tensor(forced_ids[:-1], dtype=torch.long)
-                rows.extend(forward_tokens(self.rt.lm, prep.cache, ids, torch.arange(n, n + len(ids)),
-                                           all_logits=True).logits)
-        return torch.log_softmax(torch.stack(rows).float(), dim=-1), prep.stats
+            logprobs = None
+            if forced_ids:
+                rows = [prep.logits]
+                if len(forced_ids) > 1:
+                    n = len(prep.prompt_ids)
+                    ids = torch.tensor(list(forced_ids[:-1]), dtype=torch.long)
+                    rows.extend(forward_tokens(self.rt.lm, prep.cache, ids, torch.arange(n, n + len(ids)),
+                                               all_logits=True).logits)
+                logprobs = torch.log_softmax(torch.stack(rows).float(), dim=-1)
+            if free_running:
+                answer = [e for e in self._decode(req, prep) if isinstance(e, Answer)][0]
+            else:
+                answer = Answer("", [], prep.sources, float("nan"), time.perf_counter() - prep.started,
+                                prep.timings, prep.stats, "length")
+        return logprobs, answer
 
     # -- request handling ----------------------------------------------------------------------
     def _request(self, question, top_k, documents, mode, ratio, max_new_tokens, temperature, top_p, logprobs,
-                 seed, namespace) -> Request:
+                 seed, namespace, check_layer=None, deviation=None, selection=None) -> Request:
         cfg = self.config
         if not isinstance(question, str) or not question.strip():
             raise QueryError("the question is empty; ask something")
@@ -180,8 +211,14 @@ class RAGPipeline:
             raise QueryError(f"top_p must be in (0, 1], got {top_p}")
         if not 0 <= logprobs <= MAX_LOGPROBS:
             raise QueryError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}")
+        try:
+            blend = cfg.replace(**{k: v for k, v in (("check_layer", check_layer), ("deviation", deviation),
+                                                     ("selection", selection)) if v is not None})
+        except ValueError as exc:
+            raise QueryError(str(exc)) from None
         return Request(question, top_k, documents, mode, float(ratio), max_new_tokens, float(temperature),
-                       float(top_p), int(logprobs), seed, cfg.namespace if namespace is None else namespace)
+                       float(top_p), int(logprobs), seed, cfg.namespace if namespace is None else namespace,
+                       blend.check_layer, blend.deviation, blend.selection)
 
     def _prepare(self, req: Request) -> Prepared:
         started = time.perf_counter()
@@ -277,12 +314,11 @@ class RAGPipeline:
 
     def _prefill(self, req: Request, layout: PromptLayout, prompt_ids: torch.Tensor, cache: KVCache,
                  stats: CacheStats) -> torch.Tensor:
-        cfg = self.config
-        positions = initial_positions(req.mode, layout, cfg.epic_tokens)
+        positions = initial_positions(req.mode, layout, self.config.epic_tokens)
         narrow_at, selector = None, None
-        if req.mode == "blend" and cfg.check_layer < self.rt.lm.num_layers - 1:
-            narrow_at = cfg.check_layer
-            selector = blend_selector(layout, req.recompute_ratio, deviation=cfg.deviation, selection=cfg.selection)
+        if req.mode == "blend" and req.check_layer < self.rt.lm.num_layers - 1:
+            narrow_at = req.check_layer
+            selector = blend_selector(layout, req.recompute_ratio, deviation=req.deviation, selection=req.selection)
         result = forward_tokens(self.rt.lm, cache, prompt_ids[positions], positions, narrow_at=narrow_at,
                                 selector=selector)
         stats.prompt_tokens = layout.num_tokens
@@ -334,8 +370,8 @@ class RAGPipeline:
                      total_s=time.perf_counter() - prep.started, timings=prep.timings, stats=prep.stats,
                      finish_reason=finish, logprobs=logprob_rows if req.logprobs else None,
                      config={"mode": req.mode, "recompute_ratio": req.recompute_ratio,
-                             "check_layer": self.config.check_layer, "deviation": self.config.deviation,
-                             "selection": self.config.selection, "model": self.rt.lm.spec,
+                             "check_layer": req.check_layer, "deviation": req.deviation,
+                             "selection": req.selection, "model": self.rt.lm.spec,
                              "model_fingerprint": self.rt.lm.fingerprint})
 
     def close(self) -> None:

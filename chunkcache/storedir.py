@@ -83,8 +83,11 @@ class ChunkStore:
         return self._index
 
     def add_to_index(self, ids: np.ndarray, vecs: np.ndarray) -> None:
-        if len(ids):
-            self.index().add(ids, vecs)
+        """Add vectors just committed to the store (loading the index first would already include them)."""
+        if self._index is None:
+            self.index()
+        elif len(ids):
+            self._index.add(ids, vecs)
 
     def save_index(self) -> None:
         if self._index is not None:
