@@ -1,0 +1,49 @@
+"""The command line, as a user runs it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from chunkcache.cli import build_parser, main
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "chunkcache.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_supported_file_types(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ingest", "--help"])
+    out = capsys.readouterr().out
+    assert ".jsonl" in out and ".md" in out and "skipped" in out
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["info", "--store", str(tmp_path / "none")]) == 2
+    assert "chunkcache ingest" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ingest_then_query_json_with_default_models(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("The Danube flows through Vienna and Budapest to the Black Sea.")
+    (corpus / "b.bin").write_bytes(b"\x00\x01\x02")
+    store = tmp_path / "store"
+    done = run_cli("ingest", str(corpus), "--store", str(store), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "1 skipped" in done.stdout and "1 computed" in done.stdout
+    again = run_cli("ingest", str(corpus), "--store", str(store), "--no-progress")
+    assert "0 computed" in again.stdout and "1 unchanged" in again.stdout
+    asked = run_cli("query", "Which sea does the Danube reach?", "--store", str(store), "--top-k", "1",
+                    "--max-new-tokens", "8", "--json")
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert answer["stats"]["chunk_hits"] == 1 and answer["ttft_s"] > 0
+    assert "Danube" in answer["sources"][0]["text"]
+    bad = run_cli("query", "x", "--store", str(store), "--top-k", "5")
+    assert bad.returncode == 2 and "holds only 1 chunks" in bad.stderr
