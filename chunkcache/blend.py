@@ -4,8 +4,12 @@ Pure functions over positions and scores; `forward.forward_tokens` runs what the
   full   every token from scratch (the baseline; nothing is read from the store)
   reuse  cached prefix and chunks re-rotated into place; only the suffix is computed
   epic   the suffix plus the first `epic_tokens` of every chunk after the first (EPIC)
-  blend  every non-prefix token through the check layer, then the top `ratio` of chunk tokens
-         by score plus the whole suffix (CacheBlend, DESIGN.md section 4)
+  blend  every token after the first chunk through the check layer, then the top `ratio` of
+         chunk tokens by score plus the whole suffix (CacheBlend, DESIGN.md section 4)
+
+The first chunk sits right after the prefix it was computed after, so its cached KV is already
+what full prefill gives (to the store's dtype): blend neither recomputes nor selects it, and the
+whole budget goes to the chunks that lost their context.
 """
 from __future__ import annotations
 
@@ -55,7 +59,8 @@ def initial_positions(mode: str, layout: PromptLayout, epic_tokens: int = 16) ->
     if mode == "reuse":
         return suffix
     if mode == "blend":
-        return torch.arange(layout.prefix_len, layout.num_tokens)
+        return torch.arange(layout.chunk_starts[1] if len(layout.chunk_lens) > 1 else layout.suffix_start,
+                            layout.num_tokens)
     if mode == "epic":
         heads = [torch.arange(s, s + min(epic_tokens, n))
                  for s, n in zip(layout.chunk_starts[1:], layout.chunk_lens[1:])]
@@ -72,8 +77,10 @@ def blend_selector(layout: PromptLayout, ratio: float, *, deviation: str = "valu
     """Selector for the check layer: top `ratio` of chunk tokens by score, plus every suffix token.
 
     selection: "deviation" (squared L2 between fresh and cached K or V, as CacheBlend),
-    "query" (attention the question's tokens pay to each chunk token, as ProphetKV), or
-    "hybrid" (half the budget each, query first).
+    "query" (attention the question's tokens pay to each chunk token, as ProphetKV),
+    "hybrid" (half the budget each, query first), or "impact" (attention mass times the L2
+    deviation: a first-order bound on how much a token's stale KV moves the question's
+    attention output, sum_j a_j * ||v_j - v'_j||).
     """
     budget = num_to_select(layout, ratio)
 
@@ -85,6 +92,8 @@ def blend_selector(layout: PromptLayout, ratio: float, *, deviation: str = "valu
         query = query_attention_scores(probe, is_suffix)
         if selection == "query":
             return select_tokens(query, budget, always=is_suffix)
+        if selection == "impact":
+            return select_tokens(query * deviation_scores(probe, deviation).sqrt(), budget, always=is_suffix)
         if selection == "hybrid":
             first = select_tokens(query, budget // 2, always=is_suffix)
             taken = torch.zeros_like(is_suffix)
@@ -107,8 +116,8 @@ def deviation_scores(probe: LayerProbe, which: str) -> torch.Tensor:
 def query_attention_scores(probe: LayerProbe, is_suffix: torch.Tensor) -> torch.Tensor:
     """fp32 [n]: attention mass the suffix (question) queries put on each computed token, at the check layer.
 
-    Keys are the fresh ones of this layer; the softmax runs over the prefix and all computed
-    tokens before the suffix, so scores are comparable across chunks.
+    Keys are the fresh ones of this layer; the softmax runs over the prefix, the first chunk
+    (cached and exact) and all computed tokens before the suffix, so scores compare across chunks.
     """
     q = probe.q[:, is_suffix].float()  # [q_heads, ns, D]
     keys = torch.cat((probe.cache.k[probe.layer][:, :int(probe.positions[0])], probe.fresh_k[:, ~is_suffix]), dim=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 MODES = ("full", "reuse", "blend", "epic")
 DEVIATIONS = ("key", "value")
-SELECTIONS = ("deviation", "query", "hybrid")
+SELECTIONS = ("deviation", "query", "hybrid", "impact")
 KV_DTYPES = ("float16", "bfloat16", "float32")
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 

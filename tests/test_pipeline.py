@@ -133,7 +133,7 @@ def test_all_modes_answer_and_report_recompute(tiny_pipe):
 
 
 def test_query_selection_schemes_run(tiny_pipe):
-    for selection in ("query", "hybrid"):
+    for selection in ("query", "hybrid", "impact"):
         a = tiny_pipe.query(Q, documents=DOCS, selection=selection, recompute_ratio=0.3, max_new_tokens=1)
         assert 0.2 < a.stats.recompute_fraction < 0.4
 

@@ -1,0 +1,359 @@
+"""The FastAPI app: /query, OpenAI-compatible /v1/chat/completions and /v1/models, /healthz, /metrics.
+
+The pipeline runs the model for one request at a time (it holds a lock) and its work is blocking:
+it runs in worker threads, never on the event loop.
+"""
+# NOTE: no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime
+# and the request models are local classes built from the settings' limits.
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..answer import Answer
+from ..pipeline import QueryError
+from .auth import Authenticator, Caller
+from .bridge import Admission, iterate_in_thread
+from .metrics import Metrics, NoMetrics
+from .middleware import BodyLimit, RequestMetrics
+from .openai_format import Completion, logprobs as openai_logprobs
+from .schemas import ErrorBody, request_models
+from .settings import ServerSettings
+
+log = logging.getLogger("chunkcache.server")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or unknown API key"},
+    413: {"model": ErrorBody, "description": "request body over the size limit"},
+    422: {"model": ErrorBody, "description": "invalid request: the message says which field and why"},
+    503: {"model": ErrorBody, "description": "the model is still loading, or the server is busy"},
+}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ApiError(Exception):
+    """An error answered with `status` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, code: str, headers: dict[str, str] | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers, self.param = status, message, code, headers, param
+
+
+@dataclass
+class Service:
+    """The app's mutable state: the pipeline once loaded, and whether loading failed."""
+
+    pipeline: Any = None
+    failed: bool = False
+    owns_pipeline: bool = False
+
+    def ready(self) -> Any:
+        if self.pipeline is None:
+            if self.failed:
+                raise ApiError(503, "the model failed to load; see the server log", "model_failed")
+            raise ApiError(503, "the model is loading; retry shortly", "model_loading", {"Retry-After": "5"})
+        return self.pipeline
+
+
+def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metrics | NoMetrics | None = None
+               ) -> FastAPI:
+    """The HTTP app over one pipeline.
+
+    Args:
+        pipeline: a RAGPipeline (anything with its `query` and `events`), served at once; or a
+            zero-argument callable that builds one, called at start-up (lifespan) in a worker thread
+            while /healthz answers 503. A pipeline built here is closed at shutdown.
+        settings: limits, API keys, tenancy (default: ServerSettings(), no authentication).
+        metrics: where request and cache metrics go (default: a fresh `Metrics`; `NoMetrics()` for none).
+    """
+    settings = settings or ServerSettings()
+    metrics = metrics if metrics is not None else Metrics()
+    auth = Authenticator(settings)
+    admission = Admission(settings.max_pending)
+    QueryRequest, ChatCompletionRequest = request_models(settings.limits)
+    factory = None if hasattr(pipeline, "events") else pipeline
+    service = Service(pipeline=None if factory else pipeline, owns_pipeline=factory is not None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = asyncio.create_task(_load(app, factory, service)) if factory else None
+        try:
+            yield
+        finally:
+            if loading is not None:
+                loading.cancel()
+            if service.owns_pipeline and service.pipeline is not None:
+                await run_in_threadpool(_close, service.pipeline)
+
+    app = FastAPI(title="chunkcache", version="0.1.0", lifespan=lifespan,
+                  description="Retrieval-augmented answers from precomputed chunk KV caches "
+                              "(CacheBlend-style selective recompute), with an OpenAI-compatible chat API.")
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.on_load_failure = lambda: None
+    # Outermost first: metrics see every status, 413s from the body limit included.
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    _add_error_handlers(app)
+
+    bearer = HTTPBearer(auto_error=False, description="an API key (when the server has keys configured)")
+
+    def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
+        found = auth.caller(credentials.credentials if credentials else None)
+        if found is None:
+            raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer KEY`", "invalid_api_key",
+                           {"WWW-Authenticate": "Bearer"})
+        return found
+
+    def ready_pipeline() -> Any:
+        return service.ready()
+
+    async def run_query(pipe, question: str, kwargs: dict) -> Answer:
+        _admit(admission)
+        try:
+            answer = await run_in_threadpool(_guarded, pipe.query, question, **kwargs)
+        finally:
+            admission.leave()
+        metrics.observe_answer(answer)
+        return answer
+
+    async def open_stream(pipe, question: str, kwargs: dict) -> AsyncIterator:
+        """The events, with the first already produced, so a request the pipeline refuses is an HTTP
+        error rather than an event inside a 200 stream."""
+        _admit(admission)
+        events = iterate_in_thread(lambda: pipe.events(question, **kwargs), on_done=admission.leave)
+        try:
+            first = await events.__anext__()
+        except BaseException as exc:
+            await events.aclose()
+            _reraise(exc)
+        return _prepend(first, events)
+
+    @app.post("/query", response_model=Answer, responses={
+        **ERROR_RESPONSES, 200: {"description": "the answer; with stream=true, Server-Sent Events: `token` "
+                                 "events ({\"text\"}) then one `answer` event (the same object as without stream)",
+                                 "content": {"text/event-stream": {}}}})
+    async def query(body: QueryRequest, who: Caller = Depends(caller), pipe=Depends(ready_pipeline)):
+        """Answer a question over the store (or over `documents`), with sources, TTFT, timings and cache stats."""
+        kwargs = {**body.pipeline_kwargs(), "namespace": auth.namespace(who)}
+        if not body.stream:
+            return await run_query(pipe, body.question, kwargs)
+        events = await open_stream(pipe, body.question, kwargs)
+
+        def render(event) -> list[str]:
+            if isinstance(event, str):
+                return [_sse("token", {"text": event})]
+            metrics.observe_answer(event)
+            return [_sse("answer", event.to_dict())]
+
+        return StreamingResponse(_render_stream(events, render, lambda body: _sse("error", body)),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.post("/v1/chat/completions", responses={
+        **ERROR_RESPONSES, 200: {"description": "a `chat.completion`, or with stream=true `chat.completion.chunk` "
+                                 "events ending with `data: [DONE]`", "content": {"text/event-stream": {}}}})
+    async def chat_completions(body: ChatCompletionRequest, who: Caller = Depends(caller),
+                               pipe=Depends(ready_pipeline)):
+        """OpenAI-compatible chat: the last user message is the question; retrieval runs over the store
+        unless `documents` is given. System messages and earlier turns are not part of the prompt (its
+        cached prefix is fixed). `usage.prompt_tokens_details.cached_tokens` counts reused KV."""
+        kwargs = {**body.pipeline_kwargs(), "namespace": auth.namespace(who)}
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        completion = Completion(*_model_identity(pipe, settings))
+        if not body.stream:
+            answer = await run_query(pipe, body.question(), kwargs)
+            return completion.response(answer, top)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = await open_stream(pipe, body.question(), kwargs)
+
+        def render(event) -> list[str]:
+            if isinstance(event, str):
+                return [_data(completion.chunk({"content": event}, include_usage=include_usage))]
+            metrics.observe_answer(event)
+            out = [_data(completion.chunk({}, event.finish_reason, openai_logprobs(event, top), include_usage))]
+            if include_usage:
+                out.append(_data(completion.usage_chunk(event)))
+            return out + ["data: [DONE]\n\n"]
+
+        async def sse():
+            yield _data(completion.chunk({"role": "assistant", "content": ""}, include_usage=include_usage))
+            async for text in _render_stream(events, render, _data):
+                yield text
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    async def list_models(who: Caller = Depends(caller), pipe=Depends(ready_pipeline)):
+        """The one model this server answers with (any `model` value in a request is served by it)."""
+        return {"object": "list", "data": [_model_card(pipe, settings)]}
+
+    @app.get("/v1/models/{model}", responses={**ERROR_RESPONSES, 404: {"model": ErrorBody}})
+    async def get_model(model: str, who: Caller = Depends(caller), pipe=Depends(ready_pipeline)):
+        card = _model_card(pipe, settings)
+        if model != card["id"]:
+            raise ApiError(404, f"model {model!r} not found; this server serves {card['id']!r}", "model_not_found")
+        return card
+
+    @app.get("/healthz", responses={503: {"description": "loading, or failed to load"}})
+    async def healthz():
+        """200 once the model is loaded; 503 before (or if loading failed)."""
+        if service.pipeline is not None:
+            return {"status": "ok", "model": _model_identity(service.pipeline, settings)[0]}
+        return JSONResponse({"status": "failed" if service.failed else "loading"}, status_code=503)
+
+    def metrics_caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not settings.public_metrics:
+            caller(credentials)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def get_metrics(_: None = Depends(metrics_caller)):
+        """Prometheus text format (needs a key when keys are configured, unless public_metrics)."""
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app
+
+
+async def _load(app: FastAPI, factory: Callable[[], Any], service: Service) -> None:
+    try:
+        # abandon_on_cancel: a shutdown during loading does not wait for the model to finish loading.
+        service.pipeline = await anyio.to_thread.run_sync(factory, abandon_on_cancel=True)
+        log.info("pipeline loaded; serving")
+    except Exception:
+        log.exception("loading the pipeline failed")
+        service.failed = True
+        app.state.on_load_failure()
+
+
+def _close(pipe) -> None:
+    # Wait for any request still using the model (its store would close under it).
+    lock = getattr(getattr(pipe, "rt", None), "lock", None)
+    with lock if lock is not None else contextlib.nullcontext():
+        pipe.close()
+
+
+def _admit(admission: Admission) -> None:
+    if not admission.try_enter():
+        raise ApiError(503, f"the server is busy ({admission.limit} requests in progress); retry shortly",
+                       "server_busy", {"Retry-After": "1"})
+
+
+def _guarded(fn, *args, **kwargs):
+    """Run `fn` (in a worker thread); unexpected errors are logged here and become a generic 500."""
+    try:
+        return fn(*args, **kwargs)
+    except QueryError:
+        raise
+    except Exception as exc:
+        log.exception("request failed")
+        raise ApiError(500, "internal error; see the server log", "internal_error") from exc
+
+
+def _reraise(exc: BaseException):
+    if isinstance(exc, (QueryError, ApiError)) or not isinstance(exc, Exception):
+        raise exc
+    log.error("request failed", exc_info=exc)
+    raise ApiError(500, "internal error; see the server log", "internal_error") from exc
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
+
+
+async def _render_stream(events: AsyncIterator, render: Callable[[Any], list[str]],
+                         render_error: Callable[[dict], str]) -> AsyncIterator[str]:
+    """The rendered events; a failure once the 200 has been sent becomes one error event (with the
+    pipeline's message for a QueryError, generic otherwise)."""
+    try:
+        async for event in events:
+            for text in render(event):
+                yield text
+    except QueryError as exc:
+        yield render_error(_error_body(str(exc), "query_error"))
+    except Exception:
+        log.exception("stream failed")
+        yield render_error(_error_body("internal error; see the server log", "internal_error"))
+    finally:
+        await events.aclose()
+
+
+def _model_identity(pipe, settings: ServerSettings) -> tuple[str, str | None]:
+    lm = getattr(getattr(pipe, "rt", None), "lm", None)
+    name = settings.model_name or (lm.spec if lm is not None else "chunkcache")
+    return name, (lm.fingerprint if lm is not None else None)
+
+
+def _model_card(pipe, settings: ServerSettings) -> dict:
+    return {"id": _model_identity(pipe, settings)[0], "object": "model", "created": 0, "owned_by": "chunkcache"}
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _data(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _error_body(message: str, code: str, param: str | None = None) -> dict:
+    kind = "server_error" if code == "internal_error" else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(_error_body(exc.message, exc.code, exc.param), exc.status, headers=exc.headers)
+
+    @app.exception_handler(QueryError)
+    async def query_error(request: Request, exc: QueryError):
+        return JSONResponse(_error_body(str(exc), "query_error"), 422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        errors = [_plain_error(e) for e in exc.errors()]
+        message = "; ".join(_describe(e) for e in errors) or "invalid request"
+        param = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else None
+        body = _error_body(message, "validation_error", param or None)
+        return JSONResponse({**body, "detail": errors}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(_error_body(str(exc.detail), f"http_{exc.status_code}"), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(_error_body("internal error; see the server log", "internal_error"), 500)
+
+
+def _plain_error(error: dict) -> dict:
+    """A validation error without pydantic's extras (its ctx may hold exception objects)."""
+    if error.get("type") == "json_invalid":  # loc is ("body", character offset)
+        reason = (error.get("ctx") or {}).get("error", "")
+        return {"loc": ["body"], "msg": f"the body is not valid JSON: {reason} at character {error['loc'][-1]}",
+                "type": "json_invalid"}
+    return {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"][1:] if p != "body") if error["loc"][:1] == ["body"] else \
+        ".".join(str(p) for p in error["loc"])
+    msg = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg

@@ -1,0 +1,43 @@
+"""`chunkcache serve`: the real pipeline under uvicorn."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from .app import create_app
+from .settings import ServerSettings
+
+log = logging.getLogger("chunkcache.server")
+
+
+def serve(args) -> None:
+    """Run the API on args.host:args.port over the store args.store (model, embedder, device, threads
+    from args as for `chunkcache query`). The model loads in the background; /healthz says when it is ready."""
+    import uvicorn
+
+    from ..cli import open_pipeline
+
+    settings = ServerSettings.from_args(args)
+    if not settings.auth_enabled and not _is_loopback(args.host):
+        log.warning("serving on %s without API keys: anyone who can reach it can use it "
+                    "(set CHUNKCACHE_API_KEYS=key or key:tenant,...)", args.host)
+    app = create_app(lambda: open_pipeline(args), settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=30))
+
+    def stop() -> None:
+        server.should_exit = True
+
+    app.state.on_load_failure = stop
+    server.run()
+    if app.state.service.failed:
+        raise RuntimeError("the model failed to load (the log above says why); the server stopped")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

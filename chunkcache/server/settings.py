@@ -1,0 +1,97 @@
+"""The server's one settings object: limits, API keys and tenancy.
+
+`ServerSettings.from_args` translates CLI flags and the environment (CHUNKCACHE_API_KEYS) into it;
+nothing else in the server reads flags or environment variables.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+API_KEYS_ENV = "CHUNKCACHE_API_KEYS"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on every request field; the request models (and so the OpenAPI schema) are built from them."""
+
+    max_question_chars: int = 4000
+    max_new_tokens: int = 2048
+    max_top_k: int = 32
+    max_documents: int = 64  # the pipeline's own cap (pipeline.MAX_DOCUMENTS)
+    max_document_chars: int = 20_000
+    max_logprobs: int = 20  # the pipeline's own cap (pipeline.MAX_LOGPROBS)
+    max_messages: int = 256
+    max_check_layer: int = 1024
+    max_temperature: float = 2.0
+    max_body_bytes: int = 2 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ValueError(f"limit {name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the HTTP layer decides on its own (the pipeline's settings live in ChunkCacheConfig).
+
+    Attributes:
+        api_keys: key -> tenant (None: the store's own namespace). Empty: no authentication.
+        shared_cache: every tenant uses the store's namespace, so tenants hit each other's chunks.
+        model_name: the id reported by /v1/models (default: the pipeline's model spec).
+        max_pending: requests admitted to wait for or use the model at once; more get 503.
+        public_metrics: serve /metrics without a key even when keys are configured.
+    """
+
+    api_keys: Mapping[str, str | None] = field(default_factory=dict)
+    shared_cache: bool = False
+    limits: Limits = field(default_factory=Limits)
+    model_name: str | None = None
+    max_pending: int = 32
+    public_metrics: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {self.max_pending}")
+        empty = [k for k in self.api_keys if not k]
+        if empty:
+            raise ValueError("an API key is empty; give non-empty keys (KEY or KEY:TENANT)")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @classmethod
+    def from_args(cls, args, environ: Mapping[str, str] = os.environ) -> "ServerSettings":
+        """From `chunkcache serve` flags (api_keys, shared_cache, max_body_bytes, model_name where the
+        CLI has them) and CHUNKCACHE_API_KEYS; keys from both places are merged."""
+        keys = dict(parse_api_keys(environ.get(API_KEYS_ENV, "")))
+        for item in getattr(args, "api_keys", None) or ():
+            keys.update(parse_api_keys(item))
+        limits = Limits()
+        if getattr(args, "max_body_bytes", None):
+            limits = Limits(**{**vars(limits), "max_body_bytes": args.max_body_bytes})
+        return cls(api_keys=keys, shared_cache=bool(getattr(args, "shared_cache", False)), limits=limits,
+                   model_name=getattr(args, "model_name", None))
+
+
+def parse_api_keys(text: str) -> dict[str, str | None]:
+    """'key1,key2:tenant' -> {'key1': None, 'key2': 'tenant'}; blanks between commas are skipped."""
+    keys: dict[str, str | None] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, tenant = item.partition(":")
+        key, tenant = key.strip(), tenant.strip()
+        if not key or (sep and not tenant):
+            raise ValueError(f"bad API key entry {_redact(item)!r}: write KEY or KEY:TENANT")
+        keys[key] = tenant or None
+    return keys
+
+
+def _redact(item: str) -> str:
+    key, sep, tenant = item.partition(":")
+    return (key[:2] + "***") + sep + tenant
