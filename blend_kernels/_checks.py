@@ -1,0 +1,94 @@
+"""Input checks shared by the public functions: caller misuse raises ValueError with the numbers.
+
+Shape, dtype and device checks read tensor metadata only. Range checks on index tensors read the
+values: free on CPU, one `.item()` sync on CUDA, and skipped when the very same (unmodified) index
+tensor was already checked against the same bound -- the query path reuses one index tensor for
+every layer, so a request pays the sync once, not once per layer.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {list(t.shape)}, {str(t.dtype).removeprefix('torch.')}, {t.device}"
+
+
+def require_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def require_float(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} ({describe(t)}) must have a float dtype in ({allowed}); cast it first")
+
+
+def require_int(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in INT_DTYPES:
+        raise ValueError(f"{name} ({describe(t)}) must be an integer tensor (int64), not {t.dtype}")
+
+
+def require_dim(name: str, t: torch.Tensor, dim: int, layout: str) -> None:
+    if t.dim() != dim:
+        raise ValueError(f"{name} ({describe(t)}) must be {dim}-D {layout}")
+
+
+def require_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must share one device, got {listing}; move them with .to(device)")
+    return first
+
+
+# id(tensor) -> (weakref, version, lower, upper, unique): ranges already proven for a live tensor.
+_checked: dict[int, tuple[weakref.ref, int, int, int, bool]] = {}
+
+
+def _already_checked(t: torch.Tensor, lower: int, upper: int, unique: bool) -> bool:
+    entry = _checked.get(id(t))
+    if entry is None or entry[0]() is not t or entry[1] != t._version:
+        return False
+    _, _, lo, up, uniq = entry
+    return lo <= lower and upper <= up and (uniq or not unique)
+
+
+def _remember(t: torch.Tensor, lower: int, upper: int, unique: bool) -> None:
+    key = id(t)
+    # The callback drops the entry when the tensor dies, so a recycled id never matches a stale one.
+    _checked[key] = (weakref.ref(t, lambda _, key=key: _checked.pop(key, None)), t._version, lower, upper, unique)
+
+
+def require_in_range(name: str, index: torch.Tensor, lower: int, upper: int, *, unique: bool = False) -> None:
+    """Every value v of the 1-D `index` satisfies lower <= v < upper (and is unique if asked)."""
+    on_cpu = index.device.type == "cpu"
+    if index.numel() == 0 or (not on_cpu and _already_checked(index, lower, upper, unique)):
+        return
+    lo, hi = index.min(), index.max()
+    dup = None
+    if unique:
+        ordered = torch.sort(index).values
+        dup = (ordered[1:] == ordered[:-1]).any()
+    if not on_cpu:
+        # One sync for all three facts; the values are read back only when something is wrong.
+        bad = (lo < lower) | (hi >= upper)
+        if dup is not None:
+            bad = bad | dup
+        if not bool(bad.item()):
+            _remember(index, lower, upper, unique)
+            return
+    lo, hi = int(lo), int(hi)
+    if lo < lower or hi >= upper:
+        raise ValueError(f"{name} values must lie in [{lower}, {upper}), got min {lo}, max {hi} ({describe(index)})")
+    if dup is not None and bool(dup):
+        raise ValueError(f"{name} ({describe(index)}) must not repeat a value; deduplicate it (torch.unique)")

@@ -1,0 +1,33 @@
+"""Readable fp32 position-causal attention: explicit scores, mask, softmax, weighted sum.
+
+Query i sits at position q_pos[i] and sees exactly keys 0..q_pos[i]; key j sits at position j.
+This is not the bottom-right-aligned causal mask (query i of nq sees keys up to Nk - nq + i), which
+lets early selected tokens see later keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def position_causal_mask(q_pos: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """q_pos: int [nq] -> bool [nq, num_keys], True where query i may see key j (j <= q_pos[i])."""
+    keys = torch.arange(num_keys, device=q_pos.device)
+    return keys[None, :] <= q_pos[:, None]
+
+
+def position_causal_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """q: [q_heads, nq, head_dim]; k, v: [kv_heads, Nk, head_dim]; q_pos: int [nq] -> fp32 [q_heads, nq, head_dim].
+
+    GQA: query head h reads kv head h // (q_heads // kv_heads).
+    """
+    q_heads, _, head_dim = q.shape
+    group = q_heads // k.shape[0]
+    scale = head_dim**-0.5 if scale is None else scale
+    k = k.to(torch.float32).repeat_interleave(group, dim=0)
+    v = v.to(torch.float32).repeat_interleave(group, dim=0)
+    scores = (q.to(torch.float32) @ k.transpose(1, 2)) * scale
+    scores = scores.masked_fill(~position_causal_mask(q_pos, k.shape[1]), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v

@@ -1,0 +1,216 @@
+"""The public kernel functions: check inputs, pick the backend, call the torch path or the Triton launcher.
+
+Triton launchers are imported on first use, so importing blend_kernels never decorates a kernel
+(triton decides compiler vs interpreter at that moment; see backend.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import backend
+from ._checks import (
+    FLOAT_DTYPES,
+    describe,
+    require_dim,
+    require_float,
+    require_in_range,
+    require_int,
+    require_same_device,
+    require_tensor,
+)
+from .attention.torch_impl import position_causal_attention_torch
+from .deviation.torch_impl import token_deviation_torch
+from .rope.torch_impl import rerotate_keys_torch
+from .scatter.torch_impl import scatter_rows_torch
+from .selection.topk import select_tokens_torch
+
+
+def _launcher(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    except ImportError as exc:
+        raise ValueError(
+            f"the triton backend needs the `triton` package ({exc}); install it or use set_backend('torch')"
+        ) from exc
+
+
+def rerotate_keys(
+    keys: torch.Tensor, deltas: torch.Tensor, inv_freq: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Move post-RoPE keys by a per-token position shift (R(p + d) = R(d) R(p)).
+
+    Args:
+        keys: [..., kv_heads, tokens, head_dim] post-RoPE keys, fp16/bf16/fp32 (leading dims such
+            as layers optional; any strides).
+        deltas: int [tokens], new position minus old position per token (chunks with different
+            offsets go in one call).
+        inv_freq: [head_dim // 2] RoPE inverse frequencies (used in fp32).
+        out: optional destination shaped like keys, any float dtype, any strides (e.g.
+            cache_k[:, :, s:e, :]); may be keys itself for an in-place rotation. It must not
+            partially overlap keys.
+    Returns:
+        out, or a new tensor of keys.dtype. Math in fp32; delta 0 returns the input exactly.
+    """
+    require_tensor("keys", keys)
+    require_tensor("deltas", deltas)
+    require_tensor("inv_freq", inv_freq)
+    require_float("keys", keys)
+    if keys.dim() < 3:
+        raise ValueError(f"keys ({describe(keys)}) must be [..., kv_heads, tokens, head_dim]")
+    tokens, head_dim = keys.shape[-2], keys.shape[-1]
+    if head_dim == 0 or head_dim % 2:
+        raise ValueError(f"keys head_dim must be even and > 0 for RoPE, got {head_dim} ({describe(keys)})")
+    require_int("deltas", deltas)
+    if deltas.shape != (tokens,):
+        raise ValueError(f"deltas ({describe(deltas)}) must be [tokens] = [{tokens}] to match keys ({describe(keys)})")
+    require_float("inv_freq", inv_freq, FLOAT_DTYPES + (torch.float64,))
+    if inv_freq.shape != (head_dim // 2,):
+        raise ValueError(
+            f"inv_freq ({describe(inv_freq)}) must be [head_dim // 2] = [{head_dim // 2}] for keys ({describe(keys)})"
+        )
+    if out is None:
+        device = require_same_device(keys=keys, deltas=deltas, inv_freq=inv_freq)
+        out = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)
+    else:
+        require_tensor("out", out)
+        require_float("out", out, FLOAT_DTYPES + (torch.float64,))
+        if out.shape != keys.shape:
+            raise ValueError(f"out ({describe(out)}) must have the shape of keys ({describe(keys)})")
+        device = require_same_device(keys=keys, deltas=deltas, inv_freq=inv_freq, out=out)
+    inv_freq = inv_freq.to(torch.float32)
+    if backend.resolve(device) == "triton":
+        return _launcher("rope.kernel", "rerotate_keys_triton")(keys, deltas, inv_freq, out)
+    return rerotate_keys_torch(keys, deltas, inv_freq, out)
+
+
+def token_deviation(fresh: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """Per-token squared L2 distance between fresh and cached K (or V) rows.
+
+    Args:
+        fresh, cached: [kv_heads, tokens, head_dim], any float dtypes (cached may be a strided view).
+    Returns:
+        fp32 [tokens]: sum over heads and head_dim of (fresh - cached)^2, computed in fp32.
+    """
+    require_tensor("fresh", fresh)
+    require_tensor("cached", cached)
+    require_dim("fresh", fresh, 3, "[kv_heads, tokens, head_dim]")
+    require_dim("cached", cached, 3, "[kv_heads, tokens, head_dim]")
+    require_float("fresh", fresh)
+    require_float("cached", cached)
+    if fresh.shape != cached.shape:
+        raise ValueError(f"fresh ({describe(fresh)}) and cached ({describe(cached)}) must have the same shape")
+    device = require_same_device(fresh=fresh, cached=cached)
+    if backend.resolve(device) == "triton":
+        return _launcher("deviation.kernel", "token_deviation_triton")(fresh, cached)
+    return token_deviation_torch(fresh, cached)
+
+
+def select_tokens(scores: torch.Tensor, num_select: int, always: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the tokens to recompute.
+
+    Args:
+        scores: fp32 [tokens] (e.g. token_deviation's output), no NaN.
+        num_select: how many tokens outside `always` to pick, highest score first, ties to the
+            lower index; more than there are candidates picks them all.
+        always: optional bool [tokens], tokens included regardless of score (the question suffix).
+    Returns:
+        int64 [n], sorted ascending and unique: all `always` tokens plus the picked others.
+    """
+    require_tensor("scores", scores)
+    require_dim("scores", scores, 1, "[tokens]")
+    require_float("scores", scores, FLOAT_DTYPES + (torch.float64,))
+    if isinstance(num_select, bool) or not isinstance(num_select, int):
+        raise ValueError(f"num_select must be an int, got {num_select!r}")
+    if num_select < 0:
+        raise ValueError(f"num_select must be >= 0, got {num_select}")
+    if always is not None:
+        require_tensor("always", always)
+        if always.dtype != torch.bool or always.shape != scores.shape:
+            raise ValueError(
+                f"always ({describe(always)}) must be a bool mask shaped like scores ({describe(scores)})"
+            )
+        require_same_device(scores=scores, always=always)
+    # A NaN would sort above every real score and be picked first; one sync, once per request.
+    if bool(torch.isnan(scores).any()):
+        raise ValueError(f"scores ({describe(scores)}) contain NaN; fix the deviation inputs")
+    return select_tokens_torch(scores, num_select, always)
+
+
+def scatter_rows(dst: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+    """In place: dst[:, index, :] = rows (cast to dst.dtype).
+
+    Args:
+        dst: [kv_heads, N, head_dim], any strides (e.g. a slice of a bigger cache buffer).
+        rows: [kv_heads, n, head_dim].
+        index: int [n], unique, each in [0, N). On CUDA the range/uniqueness check costs one sync
+            the first time a given index tensor is seen (later layers reusing it pay nothing).
+    """
+    require_tensor("dst", dst)
+    require_tensor("rows", rows)
+    require_tensor("index", index)
+    require_dim("dst", dst, 3, "[kv_heads, N, head_dim]")
+    require_dim("rows", rows, 3, "[kv_heads, n, head_dim]")
+    require_float("dst", dst, FLOAT_DTYPES + (torch.float64,))
+    require_float("rows", rows, FLOAT_DTYPES + (torch.float64,))
+    require_int("index", index)
+    if index.dim() != 1 or rows.shape != (dst.shape[0], index.shape[0], dst.shape[2]):
+        raise ValueError(
+            f"rows ({describe(rows)}) must be [kv_heads, n, head_dim] = [{dst.shape[0]}, {index.numel()}, "
+            f"{dst.shape[2]}] for dst ({describe(dst)}) and index ({describe(index)})"
+        )
+    device = require_same_device(dst=dst, rows=rows, index=index)
+    require_in_range("index", index, 0, dst.shape[1], unique=True)
+    index = index.to(torch.int64).contiguous()
+    if backend.resolve(device) == "triton":
+        _launcher("scatter.kernel", "scatter_rows_triton")(dst, rows, index)
+    else:
+        scatter_rows_torch(dst, rows, index)
+
+
+def position_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, *, scale: float | None = None
+) -> torch.Tensor:
+    """Attention of selected queries where query i sees exactly keys 0..q_pos[i].
+
+    Args:
+        q: [q_heads, nq, head_dim].
+        k, v: [kv_heads, Nk, head_dim], key j at position j; q_heads % kv_heads == 0 (GQA: query
+            head h reads kv head h // (q_heads // kv_heads)).
+        q_pos: int [nq] query positions, any order, each in [0, Nk). On CUDA the range check costs
+            one sync the first time a given q_pos tensor is seen.
+        scale: softmax scale, default head_dim ** -0.5.
+    Returns:
+        [q_heads, nq, head_dim] in q.dtype; softmax in fp32.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("q_pos", q_pos)):
+        require_tensor(name, t)
+    require_dim("q", q, 3, "[q_heads, nq, head_dim]")
+    require_dim("k", k, 3, "[kv_heads, Nk, head_dim]")
+    require_dim("v", v, 3, "[kv_heads, Nk, head_dim]")
+    require_float("q", q)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}; cast k and v")
+    q_heads, num_queries, head_dim = q.shape
+    kv_heads, num_keys, _ = k.shape
+    if v.shape != k.shape or k.shape[2] != head_dim or head_dim == 0:
+        raise ValueError(
+            f"k ({describe(k)}) and v ({describe(v)}) must both be [kv_heads, Nk, head_dim] with the "
+            f"head_dim {head_dim} of q ({describe(q)})"
+        )
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(
+            f"q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads}) for grouped-query attention"
+        )
+    require_int("q_pos", q_pos)
+    if q_pos.shape != (num_queries,):
+        raise ValueError(f"q_pos ({describe(q_pos)}) must be [nq] = [{num_queries}] to match q ({describe(q)})")
+    device = require_same_device(q=q, k=k, v=v, q_pos=q_pos)
+    require_in_range("q_pos", q_pos, 0, num_keys)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    q_pos = q_pos.to(torch.int64)
+    if backend.resolve(device) == "triton":
+        return _launcher("attention.kernel", "position_causal_attention_triton")(q, k, v, q_pos, scale)
+    return position_causal_attention_torch(q, k, v, q_pos, scale)
