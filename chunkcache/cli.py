@@ -17,6 +17,11 @@ DEFAULT_STORE = os.environ.get("CHUNKCACHE_STORE", "stores/default")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark has its own flags: chunkcache bench --help
+        from bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -67,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a store: models, settings, size")
     _store_args(p)
     p.set_defaults(func=cmd_info)
+
+    sub.add_parser("bench", help="TTFT and fidelity benchmark on MuSiQue (see `chunkcache bench --help`)")
 
     p = sub.add_parser("serve", help="run the HTTP API (FastAPI under uvicorn)")
     _store_args(p)

@@ -106,6 +106,12 @@ def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: torch.Tensor, pos
             n = len(positions)
             attn = F.scaled_dot_product_attention(q[None], cache.k[index][None, :, :n], cache.v[index][None, :, :n],
                                                   is_causal=True, scale=layer.self_attn.scaling, enable_gqa=True)[0]
+        elif len(positions) == 1:
+            # One query (a decode step) sees every key up to its own row: no mask at all.
+            kv_len = int(positions[0].item()) + 1
+            attn = F.scaled_dot_product_attention(q[None], cache.k[index][None, :, :kv_len],
+                                                  cache.v[index][None, :, :kv_len], scale=layer.self_attn.scaling,
+                                                  enable_gqa=True)[0]
         else:
             kv_len = int(positions[-1].item()) + 1
             attn = position_causal_attention(q, cache.k[index][:, :kv_len], cache.v[index][:, :kv_len],

@@ -144,11 +144,12 @@ class RAGPipeline:
                  **kwargs) -> tuple[torch.Tensor | None, Answer]:
         """One prefill, measured two ways (for fidelity benchmarks).
 
-        Teacher-forced: the log-probabilities of each answer position given `forced_ids` before it,
-        fp32 [len(forced_ids), vocab] (None without forced_ids). Free-running: the mode's own greedy
-        answer (with free_running; its TTFT is that of a normal query). Rows past the prompt that
-        teacher forcing wrote are overwritten by decoding before they are read (each step writes its
-        own row first and attends only to rows at or before it).
+        Free-running (with free_running): the mode's own greedy answer, decoded first so its TTFT is
+        that of a plain query. Teacher-forced: the log-probabilities of each answer position given
+        `forced_ids` before it, fp32 [len(forced_ids), vocab]; without forced_ids, those of the greedy
+        steps themselves (the mode teacher-forced along its own answer). Rows past the prompt that
+        decoding wrote are overwritten by teacher forcing before they are read (each pass writes
+        its own rows first and attends only to rows at or before each query).
         """
         kwargs.setdefault("max_new_tokens", len(forced_ids) if forced_ids else None)
         req = self._request(question, kwargs.pop("top_k", None), kwargs.pop("documents", None),
@@ -160,20 +161,24 @@ class RAGPipeline:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         with self.rt.lock, torch.inference_mode():
             prep = self._prepare(req)
-            logprobs = None
+            first_logits = prep.logits
+            steps: list[torch.Tensor] | None = [] if free_running and not forced_ids else None
+            # Decode first, so its TTFT is that of a plain query.
+            if free_running:
+                answer = [e for e in self._decode(req, prep, step_logits=steps) if isinstance(e, Answer)][0]
+            else:
+                answer = Answer("", [], prep.sources, float("nan"), time.perf_counter() - prep.started,
+                                prep.timings, prep.stats, "length")
             if forced_ids:
-                rows = [prep.logits]
+                rows = [first_logits]
                 if len(forced_ids) > 1:
                     n = len(prep.prompt_ids)
                     ids = torch.tensor(list(forced_ids[:-1]), dtype=torch.long)
                     rows.extend(forward_tokens(self.rt.lm, prep.cache, ids, torch.arange(n, n + len(ids)),
                                                all_logits=True).logits)
-                logprobs = torch.log_softmax(torch.stack(rows).float(), dim=-1)
-            if free_running:
-                answer = [e for e in self._decode(req, prep) if isinstance(e, Answer)][0]
-            else:
-                answer = Answer("", [], prep.sources, float("nan"), time.perf_counter() - prep.started,
-                                prep.timings, prep.stats, "length")
+                steps = rows
+        # Without forced_ids, the greedy steps' own distributions: a mode teacher-forced along its own answer.
+        logprobs = torch.log_softmax(torch.stack(steps).float(), dim=-1) if steps else None
         return logprobs, answer
 
     # -- request handling ----------------------------------------------------------------------
@@ -331,7 +336,8 @@ class RAGPipeline:
         stats.recompute_fraction = recomputed_chunk_tokens / max(1, layout.num_chunk_tokens)
         return result.logits
 
-    def _decode(self, req: Request, prep: Prepared) -> Iterator[str | Answer]:
+    def _decode(self, req: Request, prep: Prepared,
+                step_logits: list[torch.Tensor] | None = None) -> Iterator[str | Answer]:
         lm = self.rt.lm
         tokenizer = lm.tokenizer
         generator = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
@@ -345,6 +351,8 @@ class RAGPipeline:
         decode_started = time.perf_counter()
         for step in range(req.max_new_tokens):
             token = next_token(logits, req.temperature, req.top_p, generator)
+            if step_logits is not None:
+                step_logits.append(logits)
             if ttft is None:
                 ttft = time.perf_counter() - prep.started
             if req.logprobs:

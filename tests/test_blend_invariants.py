@@ -99,8 +99,11 @@ def test_selected_queries_never_see_later_keys(tiny_pipe, docs):
     cache_a, layout = _final_cache_rows(tiny_pipe, "Where is Mount Everest?", docs)
     cache_b, _ = _final_cache_rows(tiny_pipe, "Who designed the Eiffel Tower for the fair in Paris, France?", docs)
     end = layout.suffix_start
-    torch.testing.assert_close(cache_a.k[:, :, :end], cache_b.k[:, :, :end], rtol=0, atol=0)
-    torch.testing.assert_close(cache_a.v[:, :, :end], cache_b.v[:, :, :end], rtol=0, atol=0)
+    # Float tolerance only: which other queries share an attention block changes the summation
+    # order; a leak of the question's keys would move these rows by O(1).
+    torch.testing.assert_close(cache_a.k[:, :, :end], cache_b.k[:, :, :end], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache_a.v[:, :, :end], cache_b.v[:, :, :end], rtol=0, atol=1e-5)
+    assert not torch.allclose(cache_a.k[:, :, end:end + 3], cache_b.k[:, :, end:end + 3], atol=1e-2)
 
 
 def test_suffix_always_recomputed(tiny_pipe, docs):

@@ -11,6 +11,11 @@ from ..config import DEVIATIONS, MODES, SELECTIONS
 from .settings import Limits
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit value
+# Below these, sampling can only draw the most likely token: decode greedily. Passed on as they are,
+# logits / 1e-300 overflow to inf, and a top_p under fp32's smallest normal rounds to 0 and keeps no
+# token at all (both found by the schema fuzzer; both end in torch.multinomial errors).
+GREEDY_TEMPERATURE = 1e-4
+GREEDY_TOP_P = 1e-6
 
 Mode = Literal[MODES]  # type: ignore[valid-type]
 Deviation = Literal[DEVIATIONS]  # type: ignore[valid-type]
@@ -89,7 +94,9 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         stream: bool = False
 
         def pipeline_kwargs(self) -> dict[str, Any]:
-            return self.model_dump(exclude={"question", "stream"}, exclude_none=True)
+            kwargs = self.model_dump(exclude={"question", "stream"}, exclude_none=True)
+            kwargs["temperature"], kwargs["top_p"] = sampling(self.temperature, self.top_p)
+            return kwargs
 
     class ChatCompletionRequest(BaseModel):
         """OpenAI's chat completion request; the last user message is the question. Fields the server
@@ -159,14 +166,19 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
             max_tokens = self.max_completion_tokens or self.max_tokens
             if max_tokens is not None:
                 kwargs["max_new_tokens"] = max_tokens
-            if self.top_p == 0.0:  # OpenAI allows it: only the most likely token, i.e. greedy
-                kwargs["temperature"] = 0.0
-            else:
-                kwargs["temperature"] = 0.0 if self.temperature is None else self.temperature
-                kwargs["top_p"] = 1.0 if self.top_p is None else self.top_p
+            # The default temperature is greedy (OpenAI's is 1); top_p 0 (OpenAI allows it) is greedy too.
+            kwargs["temperature"], kwargs["top_p"] = sampling(self.temperature or 0.0,
+                                                              1.0 if self.top_p is None else self.top_p)
             if self.logprobs:
                 # The pipeline reports the chosen token's log-probability beside its top-k list.
                 kwargs["logprobs"] = max(1, self.top_logprobs or 0)
             return kwargs
 
     return QueryRequest, ChatCompletionRequest
+
+
+def sampling(temperature: float, top_p: float) -> tuple[float, float]:
+    """(temperature, top_p) for the pipeline: (0, 1), greedy, where only the top token could be drawn."""
+    if temperature < GREEDY_TEMPERATURE or top_p < GREEDY_TOP_P:
+        return 0.0, 1.0
+    return temperature, top_p

@@ -1,0 +1,192 @@
+"""The RAG benchmark end to end on a tiny random model, and its metric functions exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import metrics
+from bench.report import pareto_front, update_readme
+from bench.run import BenchConfig, ModeSpec, parse_mode, parse_modes, run_benchmark
+from chunkcache.prompt import chunk_token_ids
+
+QUESTIONS = [
+    {"id": "q-0", "question": "Which river carries the most water?", "answers": ["The Amazon", "Amazon River"],
+     "passages": [{"title": "Amazon", "text": "The Amazon river flows through Brazil. It carries more water than "
+                                              "any other river on Earth."},
+                  {"title": "", "text": "Mount Everest is the highest mountain above sea level, in the Himalayas."},
+                  {"title": "Eiffel Tower", "text": "The Eiffel Tower was built for the 1889 World's Fair in Paris."}]},
+    {"id": "q-1", "question": "Who designed the Eiffel Tower?", "answers": ["Gustave Eiffel's company"],
+     "passages": [{"title": "Nile", "text": "The Nile is a major north-flowing river in northeastern Africa."},
+                  {"title": "Eiffel Tower", "text": "Gustave Eiffel's company designed and built the tower in Paris."}]},
+]
+MODES = ("reuse", "epic", "blend-0.15", "blend-1.0", "blend-0.15-key", "blend-0.15-query", "blend-0.15-hybrid",
+         "blend-0.15-impact")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, tiny_lm, hash_embedder):
+    tmp = tmp_path_factory.mktemp("bench")
+    data = tmp / "questions.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    readme = tmp / "README.md"
+    readme.write_text("# x\n\n## Benchmarks\n<!-- bench:start -->\nOLD SECTION\n<!-- bench:end -->\n\n## After\n")
+    cfg = BenchConfig(data=data, modes=MODES, max_new_tokens=6, store=tmp / "store", kv_dtype="float32",
+                      out_dir=tmp / "results", readme=readme, progress=False)
+    result = run_benchmark(cfg, lm=tiny_lm, embedder=hash_embedder)
+    return result, tmp
+
+
+def test_writes_json_markdown_png_and_readme(bench_run):
+    result, tmp = bench_run
+    paths = result["paths"]
+    saved = json.loads(open(paths["json"]).read())
+    assert saved["summary"] == json.loads(json.dumps(result["summary"]))
+    assert list(saved["summary"]) == ["full", "reuse", "epic", "blend-0.15", "blend-1.00", "blend-0.15-key",
+                                      "blend-0.15-query", "blend-0.15-hybrid", "blend-0.15-impact"]
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    table = open(paths["md"]).read()
+    assert "| blend-0.15-hybrid |" in table and "tiny-random-0" in table
+    readme = (tmp / "README.md").read_text()
+    assert "OLD SECTION" not in readme and "| reuse |" in readme and readme.endswith("<!-- bench:end -->\n\n## After\n")
+    assert "](results/" in readme  # the plot, linked relative to the README
+    config = saved["config"]
+    for key in ("model_fingerprint", "compute_dtype", "threads", "torch", "cpu", "kv_dtype", "check_layer",
+                "git_commit"):
+        assert key in config, key
+
+
+def test_store_is_built_first_and_every_timed_call_hits(bench_run):
+    result, _ = bench_run
+    store = result["store"]
+    assert store["chunks"] == 5 and store["chunks_computed"] == 5 and store["tokens_computed"] > 0
+    assert store["bytes_per_token"] == 4 * 2 * 2 * 16 * 4  # tiny model, float32 KV
+    for name, m in result["summary"].items():
+        assert m["chunk_misses"] == 0, name
+
+
+def test_full_is_its_own_reference(bench_run):
+    full = bench_run[0]["summary"]["full"]
+    assert full["kl_mean"] == 0.0 and full["kl_first"] == 0.0 and full["top1"] == 1.0
+    assert full["f1_vs_full"] == 1.0 and full["recompute_fraction"] == 1.0
+    assert full["speedup"] == 1.0 and full["speedup_median"] == 1.0
+
+
+def test_blend_ratio_one_equals_full(bench_run, tokenizer):
+    result, _ = bench_run
+    for row, q in zip(result["questions"], QUESTIONS):
+        # Every chunk token but the first chunk's, which sits where it was computed and is already exact.
+        lens = [len(chunk_token_ids(tokenizer, f"{p['title']}\n{p['text']}")) for p in q["passages"]]
+        assert row["modes"]["blend-1.00"]["stats"]["recompute_fraction"] == pytest.approx(sum(lens[1:]) / sum(lens))
+    blend = result["summary"]["blend-1.00"]
+    assert blend["kl_mean"] < 1e-5 and blend["top1"] == 1.0
+
+
+def test_recompute_fractions_match_the_modes(bench_run):
+    result, _ = bench_run
+    for row in result["questions"]:
+        modes = row["modes"]
+        assert modes["reuse"]["stats"]["recompute_fraction"] == 0.0
+        chunk_tokens = modes["reuse"]["stats"]["cached_tokens"] - result["config"]["prefix_tokens"]
+        for name in ("blend-0.15", "blend-0.15-key", "blend-0.15-query", "blend-0.15-hybrid", "blend-0.15-impact"):
+            assert abs(modes[name]["stats"]["recompute_fraction"] - 0.15) <= 0.5 / chunk_tokens + 1e-9, name
+        assert 0 < len(row["forced_ids"]) <= 6
+        for name, m in modes.items():
+            assert len(m["kl"]) == len(row["forced_ids"]), name
+            assert m["ttft_s"] > 0 and 0.0 <= m["f1_gold"] <= 1.0 and 0.0 <= m["top1"] <= 1.0
+
+
+def test_reuse_differs_from_full(bench_run):
+    """Guards the checks above from passing vacuously: on several chunks reuse is not full."""
+    assert bench_run[0]["summary"]["reuse"]["kl_mean"] > 1e-4
+
+
+def test_parse_mode():
+    assert parse_mode("full") == ModeSpec("full", "full")
+    assert parse_mode("blend-.3") == ModeSpec("blend-0.30", "blend", 0.3, "value", "deviation")
+    spec = parse_mode("blend-0.15-key-hybrid-c3")
+    assert spec.name == "blend-0.15-key-hybrid-c3"
+    assert spec.kwargs() == {"mode": "blend", "recompute_ratio": 0.15, "deviation": "key", "selection": "hybrid",
+                             "check_layer": 3}
+    assert [s.name for s in parse_modes(["reuse", "full", "blend-0.1", "blend-0.10"])] == ["full", "reuse",
+                                                                                            "blend-0.10"]
+    for bad in ("blend", "blend-1.5", "blend-0.1-sideways", "prefix"):
+        with pytest.raises(ValueError):
+            parse_mode(bad)
+
+
+def test_answer_f1():
+    assert metrics.normalize_answer("The  Exeter College!") == "exeter college"
+    assert metrics.token_f1("Exeter College, Oxford", "exeter college") == pytest.approx(0.8)
+    assert metrics.token_f1("an", "the") == 1.0  # both empty after normalization
+    assert metrics.token_f1("Paris", "") == 0.0
+    assert metrics.best_f1("amazon", ["The Amazon", "Amazon River"]) == 1.0
+
+
+def test_fidelity_exact():
+    p = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]))
+    q = torch.log(torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.8, 0.1]]))
+    f = metrics.fidelity(p, q)
+    kl0 = 0.5 * torch.log(torch.tensor(2.0)) + 0.25 * torch.log(torch.tensor(0.5))
+    assert f["kl"] == pytest.approx([float(kl0), 0.0], abs=1e-7)
+    assert f["kl_first"] == pytest.approx(float(kl0)) and f["kl_mean"] == pytest.approx(float(kl0) / 2)
+    assert f["top1_positions"] == [0, 1] and f["top1"] == 0.5
+    assert metrics.fidelity(p, p)["kl_mean"] == 0.0
+    with pytest.raises(ValueError):
+        metrics.fidelity(p, q[:1])
+
+
+def test_pareto_front():
+    speed = [1.0, 3.0, 10.0, 2.0, 10.0]
+    kl = [0.0, 0.2, 0.5, 0.3, 0.6]  # point 3 is slower and worse than point 1; point 4 than point 2
+    assert pareto_front(speed, kl, lower_better=True) == [0, 1, 2]
+    assert pareto_front(speed, [1.0, 0.8, 0.5, 0.7, 0.4], lower_better=False) == [0, 1, 2]
+
+
+def test_readme_without_markers_is_refused(tmp_path, bench_run):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="bench:start"):
+        update_readme(readme, bench_run[0]["paths"]["json"])
+
+
+def test_forced_ids_add_the_eos_row_when_full_stopped(tiny_lm):
+    from types import SimpleNamespace
+
+    from bench.run import forced_ids
+
+    eos = tiny_lm.tokenizer.eos_token_id
+    assert forced_ids(SimpleNamespace(token_ids=[5, 6], finish_reason="stop"), tiny_lm, 4) == [5, 6, eos]
+    assert forced_ids(SimpleNamespace(token_ids=[], finish_reason="stop"), tiny_lm, 4) == [eos]
+    assert forced_ids(SimpleNamespace(token_ids=[5, 6, 7, 8], finish_reason="length"), tiny_lm, 4) == [5, 6, 7, 8]
+
+
+def test_bad_modes_are_refused_before_loading_anything(capsys):
+    from bench.run import main
+
+    assert main(["--modes", "reuse,blend-fast"]) == 2
+    assert "unknown mode 'blend-fast'" in capsys.readouterr().err
+
+
+def test_report_collects_ingest_and_http_results(bench_run):
+    from pathlib import Path
+
+    from bench.report import write_report
+
+    result, _ = bench_run
+    json_path = Path(result["paths"]["json"])
+    results = json_path.parent
+    ingest = {"kind": "chunkcache-bench-ingest", "created": "2026-01-01T00:00:00+00:00",
+              "config": {"passages": 5, "threads": 1, "kv_dtype": "float32"}, "ingest": result["store"]}
+    (results / "ingest-2026-01-01.json").write_text(json.dumps(ingest))
+    timing = {"n": 3, "median": 0.5, "mean": 0.5, "p95": 0.6}
+    load = {"requests": 10, "errors": 0, "requests_per_s": 1.25, "completion_tokens_per_s": 40.0,
+            "latency_s": {"median": 0.8, "p95": 1.1}}
+    http = {"config": {"clients": 4}, "ttft": {"direct": timing, "http": timing, "direct_pipeline": timing,
+                                               "http_pipeline": timing, "http_overhead_ms_median": 2.5},
+            "load": load, "baseline": None}
+    (results / "http-2026-01-01.json").write_text(json.dumps(http))
+    table = write_report(json_path)["md"].read_text()
+    assert "Ingest (`ingest-2026-01-01.json`, 5 passages" in table
+    assert "HTTP (`http-2026-01-01.json`)" in table and "| HTTP /query, 4 clients | 10 | 0 | 1.25 |" in table

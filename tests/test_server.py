@@ -1,0 +1,604 @@
+"""The HTTP API through starlette's TestClient, on the tiny random model: every endpoint and every error."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from chunkcache import Answer, CacheStats, RAGPipeline, Source, Timings
+from chunkcache.server import Limits, Metrics, NoMetrics, ServerSettings, create_app, parse_api_keys
+
+from .conftest import DOCS
+
+# Documents only the tenancy tests use, so no other test has cached them.
+TENANT_DOCS = [
+    "The Danube flows through ten countries and ends in the Black Sea delta in Romania.",
+    "Lake Baikal in Siberia holds about a fifth of the unfrozen fresh water on the planet.",
+]
+
+
+def open_store_pipeline(directory, tiny_lm, hash_embedder, *, ingest: bool = True, **overrides) -> RAGPipeline:
+    """A tiny pipeline whose store holds DOCS (one file each: one chunk each)."""
+    pipe = RAGPipeline.open(directory / "store", lm=tiny_lm, embedder=hash_embedder, kv_dtype="float32",
+                            chunk_tokens=48, max_new_tokens=8, **overrides)
+    if ingest:
+        corpus = directory / "corpus"
+        corpus.mkdir()
+        for i, text in enumerate(DOCS):
+            (corpus / f"doc{i}.txt").write_text(text)
+        pipe.ingest([corpus], progress=False)
+    return pipe
+
+
+def sse_events(text: str) -> list[tuple[str | None, str]]:
+    """(event name, data) per Server-Sent Event."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        name, data = None, []
+        for line in block.splitlines():
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                data.append(line[len("data: "):])
+        events.append((name, "\n".join(data)))
+    return events
+
+
+@pytest.fixture(scope="module")
+def store_pipe(tmp_path_factory, tiny_lm, hash_embedder):
+    pipe = open_store_pipeline(tmp_path_factory.mktemp("server"), tiny_lm, hash_embedder)
+    yield pipe
+    pipe.close()
+
+
+@pytest.fixture(scope="module")
+def client(store_pipe):
+    with TestClient(create_app(store_pipe)) as c:
+        yield c
+
+
+class FakePipeline:
+    """Stands in for RAGPipeline where a test needs it to block or fail."""
+
+    def __init__(self, *, error: Exception | None = None, gate: threading.Event | None = None,
+                 fail_after_first: bool = False):
+        self.error, self.gate, self.fail_after_first = error, gate, fail_after_first
+        self.closed = False
+        self.entered = threading.Event()
+
+    def events(self, question, **kwargs):
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "test gate never opened"
+        if self.error is not None and not self.fail_after_first:
+            raise self.error
+        yield "partial"
+        if self.error is not None:
+            raise self.error
+        yield fake_answer("partial")
+
+    def query(self, question, **kwargs):
+        return [e for e in self.events(question, **kwargs) if isinstance(e, Answer)][0]
+
+    def close(self):
+        self.closed = True
+
+
+def fake_answer(text: str) -> Answer:
+    return Answer(text, [1], [Source("doc", "documents[0]", None, "00", True)], 0.01, 0.02, Timings(),
+                  CacheStats(mode="blend", prompt_tokens=10, cached_tokens=7, chunk_hits=1, completion_tokens=1),
+                  "length")
+
+
+# -- /healthz ----------------------------------------------------------------------------------------
+def test_healthz_ready(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model": "tiny-random-0"}
+
+
+def test_healthz_503_until_the_factory_has_loaded():
+    gate = threading.Event()
+
+    built = []
+
+    def factory():
+        assert gate.wait(10)
+        built.append(FakePipeline())
+        return built[0]
+
+    with TestClient(create_app(factory)) as c:
+        assert c.get("/healthz").status_code == 503
+        assert c.get("/healthz").json() == {"status": "loading"}
+        r = c.post("/query", json={"question": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        assert r.headers["retry-after"] == "5"
+        gate.set()
+        deadline = time.monotonic() + 10
+        while c.get("/healthz").status_code != 200:
+            assert time.monotonic() < deadline, "the pipeline never became ready"
+            time.sleep(0.02)
+        assert c.post("/query", json={"question": "hi"}).json()["text"] == "partial"
+    assert built[0].closed  # the app built it, so the app closes it at shutdown
+
+
+def test_healthz_reports_a_failed_load(caplog):
+    def factory():
+        raise RuntimeError("no weights here")
+
+    app = create_app(factory)
+    stopped = threading.Event()
+    app.state.on_load_failure = stopped.set
+    with caplog.at_level(logging.ERROR, "chunkcache.server"), TestClient(app) as c:
+        assert stopped.wait(10)
+        assert c.get("/healthz").json() == {"status": "failed"}
+        r = c.post("/query", json={"question": "hi"})
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+    assert "no weights here" in caplog.text
+
+
+# -- /query --------------------------------------------------------------------------------------------
+def test_query_matches_the_pipeline(client, store_pipe):
+    r = client.post("/query", json={"question": "Where is Mount Everest?", "documents": DOCS, "max_new_tokens": 6})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    direct = store_pipe.query("Where is Mount Everest?", documents=DOCS, max_new_tokens=6)
+    assert body["text"] == direct.text and body["token_ids"] == direct.token_ids
+    assert [s["text"] for s in body["sources"]] == [d.strip() for d in DOCS]
+    assert all(s["hit"] for s in body["sources"]) and body["stats"]["chunk_hits"] == 3
+    assert body["ttft_s"] > 0 and set(body["timings"]) == {"retrieve_s", "load_s", "prefill_s", "decode_s"}
+    assert body["stats"]["prompt_tokens"] == direct.stats.prompt_tokens > 0
+    assert body["stats"]["cached_tokens"] == direct.stats.cached_tokens > 0
+    assert body["config"]["mode"] == "blend"
+
+
+def test_query_retrieves_from_the_store(client):
+    r = client.post("/query", json={"question": "Eiffel Tower Paris", "top_k": 2, "mode": "full"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["sources"]) == 2 and body["stats"]["mode"] == "full"
+    assert "Eiffel" in body["sources"][0]["text"] and body["sources"][0]["score"] is not None
+
+
+def test_query_logprobs_and_sampling(client):
+    r = client.post("/query", json={"question": "Where is the Amazon?", "documents": DOCS[:1], "logprobs": 3,
+                                    "temperature": 0.8, "top_p": 0.9, "seed": 7, "max_new_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["logprobs"]) >= len(body["token_ids"]) and len(body["logprobs"][0]["top_logprobs"]) == 3
+    again = client.post("/query", json={"question": "Where is the Amazon?", "documents": DOCS[:1], "logprobs": 3,
+                                        "temperature": 0.8, "top_p": 0.9, "seed": 7, "max_new_tokens": 4}).json()
+    assert again["token_ids"] == body["token_ids"]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1e-300}, {"temperature": 0.5, "top_p": 1e-320}])
+def test_vanishing_temperature_or_top_p_decodes_greedily(client, sampling):
+    # Found by the fuzzer: passed on as is, these made torch.multinomial fail (a 500).
+    payload = {"question": "Where is Everest?", "documents": DOCS[:1], "max_new_tokens": 3}
+    r = client.post("/query", json={**payload, **sampling})
+    assert r.status_code == 200, r.text
+    assert r.json()["token_ids"] == client.post("/query", json=payload).json()["token_ids"]
+
+
+def test_query_stream(client):
+    payload = {"question": "Where does the Amazon flow?", "documents": DOCS, "stream": True, "max_new_tokens": 6}
+    with client.stream("POST", "/query", json=payload) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.read().decode())
+    names = [name for name, _ in events]
+    assert names[-1] == "answer" and set(names[:-1]) <= {"token"} and len(names) >= 2
+    pieces = "".join(json.loads(data)["text"] for name, data in events[:-1])
+    final = json.loads(events[-1][1])
+    assert pieces.strip() == final["text"] and final["stats"]["chunk_hits"] + final["stats"]["chunk_misses"] == 3
+    assert final["ttft_s"] > 0
+    plain = client.post("/query", json={**payload, "stream": False}).json()
+    assert plain["token_ids"] == final["token_ids"]
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({}, "question"),
+    ({"question": ""}, "question"),
+    ({"question": "x" * 4001}, "question"),
+    ({"question": "q", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"question": "q", "max_new_tokens": 2049}, "max_new_tokens"),
+    ({"question": "q", "top_k": 0}, "top_k"),
+    ({"question": "q", "top_k": 33}, "top_k"),
+    ({"question": "q", "documents": []}, "documents"),
+    ({"question": "q", "documents": ["d"] * 65}, "documents"),
+    ({"question": "q", "documents": ["x" * 20_001]}, "documents.0"),
+    ({"question": "q", "documents": [""]}, "documents.0"),
+    ({"question": "q", "temperature": -0.1}, "temperature"),
+    ({"question": "q", "temperature": 2.5}, "temperature"),
+    ({"question": "q", "top_p": 0}, "top_p"),
+    ({"question": "q", "top_p": 1.5}, "top_p"),
+    ({"question": "q", "logprobs": 21}, "logprobs"),
+    ({"question": "q", "recompute_ratio": 1.5}, "recompute_ratio"),
+    ({"question": "q", "mode": "turbo"}, "mode"),
+    ({"question": "q", "seed": -1}, "seed"),
+    ({"question": "q", "deviation": "both"}, "deviation"),
+    ({"question": "q", "stream": "maybe"}, "stream"),
+    ({"question": "q", "topk": 3}, "topk"),
+    ({"question": 5}, "question"),
+])
+def test_query_validation_422(client, payload, field):
+    r = client.post("/query", json=payload)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "validation_error" and error["param"] == field
+    assert error["message"].startswith(f"{field}: ")
+
+
+def test_query_malformed_json_422(client):
+    r = client.post("/query", content=b'{"question": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+    assert r.json()["error"]["message"].startswith("the body is not valid JSON: ")
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"question": "   "}, "the question is empty"),
+    ({"question": "rivers", "top_k": 10}, "top_k=10 but the store holds only 3 chunks"),
+    ({"question": "q", "documents": ["   "]}, "documents [0] are empty"),
+])
+def test_query_error_422_with_the_pipeline_message(client, payload, message):
+    r = client.post("/query", json=payload)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "query_error" and message in r.json()["error"]["message"]
+
+
+def test_query_error_before_a_stream_is_an_http_error(client):
+    r = client.post("/query", json={"question": "rivers", "top_k": 10, "stream": True})
+    assert r.status_code == 422 and "store holds only" in r.json()["error"]["message"]
+
+
+# -- unexpected errors -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_unexpected_error_is_a_generic_500(caplog, stream):
+    app = create_app(FakePipeline(error=RuntimeError("secret stack detail")))
+    with caplog.at_level(logging.ERROR, "chunkcache.server"), TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/query", json={"question": "hi", "stream": stream})
+    assert r.status_code == 500
+    assert r.json()["error"] == {"message": "internal error; see the server log", "type": "server_error",
+                                 "param": None, "code": "internal_error"}
+    assert "secret" not in r.text and "Traceback" not in r.text
+    assert "secret stack detail" in caplog.text  # logged with its traceback
+
+
+def test_error_in_the_middle_of_a_stream_is_a_generic_error_event(caplog):
+    app = create_app(FakePipeline(error=RuntimeError("secret"), fail_after_first=True))
+    with caplog.at_level(logging.ERROR, "chunkcache.server"), TestClient(app) as c:
+        with c.stream("POST", "/query", json={"question": "hi", "stream": True}) as r:
+            events = sse_events(r.read().decode())
+    assert r.status_code == 200
+    assert events[0] == ("token", json.dumps({"text": "partial"}))
+    assert events[-1][0] == "error" and json.loads(events[-1][1])["error"]["code"] == "internal_error"
+    assert "secret" not in events[-1][1] and "secret" in caplog.text
+
+
+def test_unknown_route_404(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "http_404"
+
+
+# -- limits --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_body_client(store_pipe):
+    with TestClient(create_app(store_pipe, ServerSettings(limits=Limits(max_body_bytes=1000)))) as c:
+        yield c
+
+
+def test_413_on_content_length(small_body_client):
+    r = small_body_client.post("/query", json={"question": "q", "documents": ["x" * 2000]})
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large" and "limit is 1000 bytes" in r.json()["error"]["message"]
+
+
+def test_413_on_a_streamed_body_without_content_length(small_body_client):
+    def body():
+        yield b'{"question": "q", "documents": ["'
+        for _ in range(20):
+            yield b"x" * 100
+        yield b'"]}'
+
+    r = small_body_client.post("/query", content=body(), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413
+
+
+def test_small_streamed_body_passes(small_body_client):
+    r = small_body_client.post("/query", content=iter([b'{"question": ', b'"   "}']),
+                               headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "query_error"
+
+
+def test_busy_server_503():
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    app = create_app(pipe, ServerSettings(max_pending=1))
+    with TestClient(app) as c:
+        first = {}
+        worker = threading.Thread(target=lambda: first.update(r=c.post("/query", json={"question": "a"})))
+        worker.start()
+        assert pipe.entered.wait(10)
+        r = c.post("/query", json={"question": "b"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy"
+        assert r.headers["retry-after"] == "1"
+        gate.set()
+        worker.join(10)
+        assert first["r"].status_code == 200
+        assert c.post("/query", json={"question": "c"}).status_code == 200
+
+
+# -- auth and tenancy ----------------------------------------------------------------------------------
+def test_parse_api_keys():
+    assert parse_api_keys(" k1, k2:team-a ,,") == {"k1": None, "k2": "team-a"}
+    with pytest.raises(ValueError, match="KEY:TENANT"):
+        parse_api_keys("k3:")
+    with pytest.raises(ValueError) as info:
+        parse_api_keys(":tenant")
+    assert "KEY" in str(info.value)
+
+
+def test_settings_from_args_and_env():
+    class Args:
+        api_keys = ["k3:team-c"]
+
+    settings = ServerSettings.from_args(Args(), {"CHUNKCACHE_API_KEYS": "k1,k2:team-b"})
+    assert settings.api_keys == {"k1": None, "k2": "team-b", "k3": "team-c"} and settings.auth_enabled
+    assert not ServerSettings.from_args(object(), {}).auth_enabled
+
+
+KEYS = {"key-alpha": "alpha", "key-beta": "beta", "key-plain": None}
+
+
+@pytest.fixture(scope="module")
+def auth_client(store_pipe):
+    with TestClient(create_app(store_pipe, ServerSettings(api_keys=KEYS))) as c:
+        yield c
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize("headers", [{}, bearer("wrong"), {"Authorization": "Basic key-alpha"},
+                                     {"Authorization": "Bearer "}, bearer("key-alph"), bearer("key-alpha2")])
+@pytest.mark.parametrize("method, path", [("POST", "/query"), ("POST", "/v1/chat/completions"),
+                                          ("GET", "/v1/models"), ("GET", "/metrics")])
+def test_401_without_a_valid_key(auth_client, headers, method, path):
+    r = auth_client.request(method, path, headers=headers, json={"question": "q"})
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+
+
+def test_valid_key_is_served(auth_client):
+    assert auth_client.get("/healthz").status_code == 200  # no key needed
+    assert auth_client.get("/v1/models", headers=bearer("key-plain")).status_code == 200
+    assert auth_client.get("/metrics", headers=bearer("key-beta")).status_code == 200
+
+
+def ask(c, key: str, **payload) -> dict:
+    r = c.post("/query", headers=bearer(key), json={"question": "Which river ends in the Black Sea?",
+                                                    "max_new_tokens": 2, **payload})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_tenants_do_not_hit_each_others_chunks(auth_client):
+    first = ask(auth_client, "key-alpha", documents=TENANT_DOCS)
+    assert first["stats"]["chunk_misses"] == 2 and not any(s["hit"] for s in first["sources"])
+    assert ask(auth_client, "key-alpha", documents=TENANT_DOCS)["stats"]["chunk_hits"] == 2
+    other = ask(auth_client, "key-beta", documents=TENANT_DOCS)
+    assert other["stats"]["chunk_hits"] == 0 and not any(s["hit"] for s in other["sources"])
+    assert {s["key"] for s in other["sources"]}.isdisjoint(s["key"] for s in first["sources"])
+    assert ask(auth_client, "key-beta", documents=TENANT_DOCS)["stats"]["chunk_hits"] == 2
+    # Same tensors, different keys: the answers agree.
+    assert other["token_ids"] == first["token_ids"]
+
+
+def test_store_chunks_are_hits_only_for_the_default_tenant(auth_client):
+    # The ingested chunks live in the store's namespace: a key without a tenant uses it.
+    assert ask(auth_client, "key-plain", top_k=3)["stats"]["chunk_hits"] == 3
+    tenant = ask(auth_client, "key-alpha", top_k=3)
+    assert tenant["stats"]["chunk_misses"] == 3
+
+
+def test_shared_cache_lets_tenants_hit_each_other(store_pipe):
+    docs = [d + " (shared)" for d in TENANT_DOCS]
+    with TestClient(create_app(store_pipe, ServerSettings(api_keys=KEYS, shared_cache=True))) as c:
+        assert ask(c, "key-alpha", documents=docs)["stats"]["chunk_misses"] == 2
+        assert ask(c, "key-beta", documents=docs)["stats"]["chunk_hits"] == 2
+        assert ask(c, "key-plain", top_k=3)["stats"]["chunk_hits"] == 3
+
+
+# -- /v1 (shapes; the openai client itself is driven in test_server_openai.py) ------------------------------
+def test_models(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["tiny-random-0"]
+    assert client.get("/v1/models/tiny-random-0").json()["object"] == "model"
+    r = client.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_chat_completion_shape(client, store_pipe):
+    r = client.post("/v1/chat/completions", json={
+        "model": "anything", "messages": [{"role": "system", "content": "ignored"},
+                                          {"role": "user", "content": [{"type": "text", "text": "Where is "},
+                                                                       {"type": "text", "text": "Everest?"}]}],
+        "documents": DOCS, "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    direct = store_pipe.query("Where is Everest?", documents=DOCS, max_new_tokens=5)
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == "tiny-random-0"
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": direct.text, "refusal": None}
+    assert choice["finish_reason"] == direct.finish_reason
+    content = choice["logprobs"]["content"]
+    assert len(content) == len(direct.token_ids) and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert content[0]["bytes"] == list(content[0]["token"].encode())
+    assert body["usage"] == {"prompt_tokens": direct.stats.prompt_tokens,
+                             "completion_tokens": direct.stats.completion_tokens,
+                             "total_tokens": direct.stats.prompt_tokens + direct.stats.completion_tokens,
+                             "prompt_tokens_details": {"cached_tokens": direct.stats.cached_tokens}}
+    assert body["chunkcache"]["stats"]["chunk_hits"] == 3
+
+
+def test_chat_logprobs_without_top_logprobs(client):
+    body = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Amazon?"}], "documents": DOCS[:1], "max_tokens": 3,
+        "logprobs": True}).json()
+    assert body["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"n": 2}, "n=2"),
+    ({"stop": ["\n"]}, "stop sequences are not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools are not supported"),
+    ({"top_logprobs": 2}, "top_logprobs needs logprobs=true"),
+    ({"messages": [{"role": "system", "content": "s"}]}, "no user message"),
+    ({"messages": [{"role": "user", "content": "  "}]}, "the last user message is empty"),
+    ({"messages": [{"role": "user", "content": "x" * 4001}]}, "the last user message has 4001 characters"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "only text content"),
+    ({"messages": []}, "messages:"),
+    ({"max_tokens": 0}, "max_tokens:"),
+    ({"temperature": 3}, "temperature:"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs:"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty are not supported"),
+])
+def test_chat_validation_422(client, extra, message):
+    payload = {"messages": [{"role": "user", "content": "q"}], "documents": DOCS[:1], "max_tokens": 2, **extra}
+    r = client.post("/v1/chat/completions", json=payload)
+    assert r.status_code == 422, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_chat_ignores_unknown_fields_and_default_penalties(client):
+    r = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "q"}], "documents": DOCS[:1], "max_tokens": 2, "user": "u1",
+        "presence_penalty": 0, "n": 1, "response_format": {"type": "text"}, "metadata": {"a": "b"}})
+    assert r.status_code == 200, r.text
+
+
+def test_chat_stream_chunks(client):
+    payload = {"messages": [{"role": "user", "content": "Where is Everest?"}], "documents": DOCS,
+               "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=payload) as r:
+        events = sse_events(r.read().decode())
+    assert events[-1] == (None, "[DONE]")
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-2]["usage"] is None
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    plain = client.post("/v1/chat/completions", json={**payload, "stream": False}).json()
+    assert text.strip() == plain["choices"][0]["message"]["content"]
+
+
+# -- /metrics ------------------------------------------------------------------------------------------
+def samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_requests_and_cache(store_pipe):
+    metrics = Metrics()
+    with TestClient(create_app(store_pipe, metrics=metrics)) as c:
+        c.post("/query", json={"question": "Amazon?", "documents": DOCS[:2], "max_new_tokens": 2})
+        c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Paris?"}],
+                                             "documents": DOCS[2:], "max_tokens": 2})
+        c.post("/query", json={"question": ""})
+        got = samples(c.get("/metrics").text)
+        assert c.get("/metrics").headers["content-type"].startswith("text/plain")
+    assert got[("chunkcache_requests_total", (("endpoint", "/query"), ("status", "200")))] == 1
+    assert got[("chunkcache_requests_total", (("endpoint", "/query"), ("status", "422")))] == 1
+    assert got[("chunkcache_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))] == 1
+    assert got[("chunkcache_queries_total", (("mode", "blend"),))] == 2
+    assert got[("chunkcache_ttft_seconds_count", (("mode", "blend"),))] == 2
+    assert got[("chunkcache_request_duration_seconds_count", (("endpoint", "/query"),))] == 2
+    assert got[("chunkcache_chunk_hits_total", ())] + got[("chunkcache_chunk_misses_total", ())] == 3
+    assert got[("chunkcache_reused_tokens_total", ())] > 0 and got[("chunkcache_recomputed_tokens_total", ())] > 0
+    assert all(name.startswith("chunkcache_") for name, _ in got)
+
+
+def test_metrics_are_per_app_and_can_be_disabled(store_pipe):
+    with TestClient(create_app(store_pipe, metrics=NoMetrics())) as c:
+        c.post("/query", json={"question": "Amazon?", "documents": DOCS[:1], "max_new_tokens": 1})
+        assert c.get("/metrics").text == ""
+    fresh = Metrics()
+    with TestClient(create_app(store_pipe, metrics=fresh)) as c:
+        got = samples(c.get("/metrics").text)
+    assert ("chunkcache_queries_total", (("mode", "blend"),)) not in got
+
+
+def test_openapi_schema_states_the_bounds(client):
+    schema = client.get("/openapi.json").json()
+    query = schema["components"]["schemas"]["QueryRequest"]["properties"]
+    assert query["question"]["maxLength"] == 4000
+    assert query["max_new_tokens"]["anyOf"][0]["maximum"] == 2048
+    assert schema["paths"]["/query"]["post"]["responses"]["422"]
+
+
+# -- serve(args): the CLI's entry point -------------------------------------------------------------------
+class ServeArgs:
+    store, host, port = "unused", "0.0.0.0", 0
+
+
+def fake_uvicorn_run(monkeypatch, body):
+    """Replace uvicorn.Server.run with `body(server)`: serve() builds everything else for real."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: body(self))
+
+
+def test_serve_builds_the_pipeline_at_startup_with_env_keys(monkeypatch, caplog):
+    from chunkcache import cli
+    from chunkcache.server import serve
+
+    pipe = FakePipeline()
+    monkeypatch.setattr(cli, "open_pipeline", lambda args: pipe)
+    monkeypatch.setenv("CHUNKCACHE_API_KEYS", "env-key:team")
+    seen = {}
+
+    def run(server):
+        with TestClient(server.config.app) as c:
+            deadline = time.monotonic() + 10
+            while c.get("/healthz").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            seen["no_key"] = c.post("/query", json={"question": "q"}).status_code
+            seen["key"] = c.post("/query", json={"question": "q"}, headers=bearer("env-key")).status_code
+
+    fake_uvicorn_run(monkeypatch, run)
+    with caplog.at_level(logging.WARNING, "chunkcache.server"):
+        serve(ServeArgs())
+    assert seen == {"no_key": 401, "key": 200} and pipe.closed
+    assert "without API keys" not in caplog.text
+
+
+def test_serve_warns_without_keys_off_loopback_and_stops_when_loading_fails(monkeypatch, caplog):
+    from chunkcache import cli
+    from chunkcache.server import serve
+
+    def broken(args):
+        raise OSError("weights missing")
+
+    monkeypatch.setattr(cli, "open_pipeline", broken)
+    monkeypatch.delenv("CHUNKCACHE_API_KEYS", raising=False)
+
+    def run(server):
+        with TestClient(server.config.app):
+            deadline = time.monotonic() + 10
+            while not server.should_exit:  # set by the failed load
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+    fake_uvicorn_run(monkeypatch, run)
+    with caplog.at_level(logging.WARNING, "chunkcache.server"), pytest.raises(RuntimeError, match="failed to load"):
+        serve(ServeArgs())
+    assert "without API keys" in caplog.text and "weights missing" in caplog.text

@@ -1,0 +1,177 @@
+"""A real uvicorn on loopback, driven by the `openai` client (as ChatOpenAI(base_url=...) would drive it)
+and by httpx: streaming, auth, errors, concurrent requests and clients that leave mid-stream."""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from chunkcache.server import ServerSettings, create_app
+
+from .conftest import DOCS
+from .test_server import open_store_pipeline, sse_events
+
+KEYS = {"key-plain": None, "key-alpha": "alpha"}
+QUESTIONS = ["Where is Mount Everest?", "What carries the most water?", "Who designed the tower?",
+             "Which fair was in 1889?", "Where is Nepal?", "How high is Everest?", "What flows through Brazil?",
+             "Where is the Himalaya?"]
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """uvicorn serving `app` on a free loopback port, in a thread; yields the base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, tiny_lm, hash_embedder):
+    p = open_store_pipeline(tmp_path_factory.mktemp("uvicorn"), tiny_lm, hash_embedder)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def base_url(pipe):
+    with running_server(create_app(pipe, ServerSettings(api_keys=KEYS))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="key-plain", max_retries=0, timeout=60)
+
+
+def chat(client, question: str, **kwargs):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                          max_tokens=6, **kwargs)
+
+
+def test_openai_chat(client, pipe):
+    r = chat(client, "Where is Mount Everest?", extra_body={"documents": DOCS})
+    direct = pipe.query("Where is Mount Everest?", documents=DOCS, max_new_tokens=6)
+    assert r.choices[0].message.content == direct.text and r.choices[0].finish_reason == direct.finish_reason
+    assert r.model == "tiny-random-0" and r.object == "chat.completion"
+    assert r.usage.prompt_tokens == direct.stats.prompt_tokens
+    assert r.usage.completion_tokens == direct.stats.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens == direct.stats.cached_tokens > 0
+    assert r.model_extra["chunkcache"]["stats"]["chunk_hits"] == 3
+
+
+def test_openai_chat_retrieves_from_the_store(client):
+    r = chat(client, "Eiffel Tower Paris", extra_body={"top_k": 2})
+    sources = r.model_extra["chunkcache"]["sources"]
+    assert len(sources) == 2 and "Eiffel" in sources[0]["text"] and all(s["hit"] for s in sources)
+
+
+def test_openai_stream(client):
+    stream = chat(client, "Where does the Amazon flow?", extra_body={"documents": DOCS}, stream=True,
+                  stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+    plain = chat(client, "Where does the Amazon flow?", extra_body={"documents": DOCS})
+    assert text.strip() == plain.choices[0].message.content and finish == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_openai_logprobs_and_seed(client):
+    kwargs = dict(extra_body={"documents": DOCS[:1]}, logprobs=True, top_logprobs=3, temperature=0.9, seed=11)
+    r = chat(client, "Amazon?", **kwargs)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.logprob <= 0 for c in content)
+    again = chat(client, "Amazon?", **kwargs)
+    assert again.choices[0].message.content == r.choices[0].message.content
+
+
+def test_openai_models(client):
+    assert [m.id for m in client.models.list()] == ["tiny-random-0"]
+    assert client.models.retrieve("tiny-random-0").owned_by == "chunkcache"
+
+
+def test_openai_errors(client, base_url):
+    with pytest.raises(openai.UnprocessableEntityError, match="only one choice"):
+        chat(client, "q", n=2, extra_body={"documents": DOCS[:1]})
+    with pytest.raises(openai.UnprocessableEntityError, match="store holds only 3 chunks"):
+        chat(client, "q", extra_body={"top_k": 9})
+    with pytest.raises(openai.UnprocessableEntityError, match="store holds only 3 chunks"):
+        list(chat(client, "q", extra_body={"top_k": 9}, stream=True))
+    bad = openai.OpenAI(base_url=f"{base_url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        chat(bad, "q", extra_body={"documents": DOCS[:1]})
+
+
+def test_tenant_key_over_http(base_url):
+    alpha = openai.OpenAI(base_url=f"{base_url}/v1", api_key="key-alpha", max_retries=0)
+    docs = ["Tenant-only text about the Atacama desert, the driest place outside the poles."]
+    first = chat(alpha, "Atacama?", extra_body={"documents": docs}).model_extra["chunkcache"]["stats"]
+    second = chat(alpha, "Atacama?", extra_body={"documents": docs}).model_extra["chunkcache"]["stats"]
+    assert (first["chunk_misses"], second["chunk_hits"]) == (1, 1)
+
+
+def test_query_endpoint_streams_over_http(base_url):
+    payload = {"question": "Where is Everest?", "documents": DOCS, "stream": True, "max_new_tokens": 6}
+    with httpx.stream("POST", f"{base_url}/query", json=payload, headers={"Authorization": "Bearer key-plain"},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        events = sse_events(r.read().decode())
+    assert events[-1][0] == "answer" and json.loads(events[-1][1])["stats"]["chunk_hits"] == 3
+    assert httpx.get(f"{base_url}/healthz").status_code == 200
+
+
+def test_concurrent_requests_get_the_sequential_answers(client, base_url):
+    """8 requests at once (half streamed) answer exactly as one at a time: no request sees another's KV."""
+    def ask(i: int) -> str:
+        docs = [DOCS[i % 3], DOCS[(i + 1) % 3]]
+        if i % 2:
+            stream = chat(client, QUESTIONS[i], extra_body={"documents": docs}, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
+        return chat(client, QUESTIONS[i], extra_body={"documents": docs}).choices[0].message.content
+
+    sequential = [ask(i) for i in range(len(QUESTIONS))]
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        concurrent = list(pool.map(ask, range(len(QUESTIONS))))
+    assert concurrent == sequential
+    assert len(set(sequential)) > 1  # the questions really differ
+
+
+def test_a_client_leaving_mid_stream_frees_the_model(base_url, pipe):
+    payload = {"question": "Tell me everything about rivers.", "documents": DOCS, "stream": True,
+               "max_new_tokens": 1500}
+    with httpx.stream("POST", f"{base_url}/query", json=payload, headers={"Authorization": "Bearer key-plain"},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    # Decoding 1500 tokens takes ~20 s on the tiny model; the server stops at the next token instead.
+    deadline = time.monotonic() + 5
+    while not pipe.rt.lock.acquire(blocking=False):
+        assert time.monotonic() < deadline, "the model is still held by a stream nobody reads"
+        time.sleep(0.05)
+    pipe.rt.lock.release()
+    r = httpx.post(f"{base_url}/query", json={"question": "Everest?", "documents": DOCS[:1], "max_new_tokens": 2},
+                   headers={"Authorization": "Bearer key-plain"}, timeout=60)
+    assert r.status_code == 200
