@@ -41,8 +41,10 @@ from bench.ingest import build_store
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_STORE_ROOT = REPO_ROOT / ".cache" / "bench-store"
-DEFAULT_MODES = ("full", "reuse", "epic", "blend-0.05", "blend-0.10", "blend-0.15", "blend-0.30",
-                 "blend-0.15-key", "blend-0.15-query", "blend-0.15-hybrid", "blend-0.15-impact")
+# The ratio sweep runs chunkcache's default selection (impact); CacheBlend's deviation-only
+# selection (V and K) and the other schemes run at the default ratio beside it.
+DEFAULT_MODES = ("full", "reuse", "epic", "blend-0.05-impact", "blend-0.10-impact", "blend-0.15-impact",
+                 "blend-0.30-impact", "blend-0.15-key-impact", "blend-0.15", "blend-0.15-key", "blend-0.15-query")
 RESULT_KIND = "chunkcache-bench-rag"
 
 

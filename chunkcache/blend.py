@@ -87,21 +87,27 @@ def blend_selector(layout: PromptLayout, ratio: float, *, deviation: str = "valu
     def select(probe: LayerProbe) -> torch.Tensor:
         is_suffix = probe.positions >= layout.suffix_start
         if selection == "deviation":
-            scores = deviation_scores(probe, deviation)
-            return select_tokens(scores, budget, always=is_suffix)
+            return select_tokens(chunk_deviation(probe, deviation, is_suffix), budget, always=is_suffix)
         query = query_attention_scores(probe, is_suffix)
         if selection == "query":
             return select_tokens(query, budget, always=is_suffix)
         if selection == "impact":
-            return select_tokens(query * deviation_scores(probe, deviation).sqrt(), budget, always=is_suffix)
+            return select_tokens(query * chunk_deviation(probe, deviation, is_suffix).sqrt(), budget,
+                                 always=is_suffix)
         if selection == "hybrid":
             first = select_tokens(query, budget // 2, always=is_suffix)
             taken = torch.zeros_like(is_suffix)
             taken[first] = True
-            return select_tokens(deviation_scores(probe, deviation), budget - budget // 2, always=taken)
+            return select_tokens(chunk_deviation(probe, deviation, is_suffix), budget - budget // 2, always=taken)
         raise ValueError(f"unknown selection {selection!r}")
 
     return select
+
+
+def chunk_deviation(probe: LayerProbe, which: str, is_suffix: torch.Tensor) -> torch.Tensor:
+    """Deviation of the chunk tokens; 0 for the suffix, whose cache rows were never filled
+    (uninitialized memory, possibly NaN) and which is always selected anyway."""
+    return deviation_scores(probe, which).masked_fill(is_suffix, 0.0)
 
 
 def deviation_scores(probe: LayerProbe, which: str) -> torch.Tensor:

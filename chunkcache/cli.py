@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY[:TENANT]",
+                   help="require this bearer key (repeatable); a tenant namespaces its cached chunks "
+                   "(also CHUNKCACHE_API_KEYS=key1,key2:tenant)")
+    p.add_argument("--shared-cache", action="store_true",
+                   help="let all tenants share cached chunks (their timing then reveals what others asked)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 2 MiB)")
+    p.add_argument("--model-name", default=None, help="model id shown by /v1/models")
     p.set_defaults(func=cmd_serve)
     return parser
 

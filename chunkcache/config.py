@@ -59,7 +59,7 @@ class ChunkCacheConfig:
     recompute_ratio: float = 0.15
     check_layer: int = 1
     deviation: str = "value"
-    selection: str = "deviation"
+    selection: str = "impact"
     epic_tokens: int = 16
     max_new_tokens: int = 128
     max_question_chars: int = 4000

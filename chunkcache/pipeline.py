@@ -56,6 +56,7 @@ class Request:
     check_layer: int
     deviation: str
     selection: str
+    top_k_explicit: bool = True
 
 
 @dataclass
@@ -197,6 +198,7 @@ class RAGPipeline:
             check_ratio(ratio)
         except ValueError as exc:
             raise QueryError(str(exc)) from None
+        top_k_explicit = top_k is not None
         top_k = cfg.top_k if top_k is None else top_k
         if not isinstance(top_k, int) or top_k < 1:
             raise QueryError(f"top_k must be an integer >= 1, got {top_k!r}")
@@ -223,7 +225,7 @@ class RAGPipeline:
             raise QueryError(str(exc)) from None
         return Request(question, top_k, documents, mode, float(ratio), max_new_tokens, float(temperature),
                        float(top_p), int(logprobs), seed, cfg.namespace if namespace is None else namespace,
-                       blend.check_layer, blend.deviation, blend.selection)
+                       blend.check_layer, blend.deviation, blend.selection, top_k_explicit)
 
     def _prepare(self, req: Request) -> Prepared:
         started = time.perf_counter()
@@ -250,6 +252,8 @@ class RAGPipeline:
         if index.ntotal == 0:
             raise QueryError(f"store {self.rt.store_path} holds no chunks; run `chunkcache ingest PATH "
                              f"--store {self.rt.store_path}` or pass documents=[...]")
+        if req.top_k > index.ntotal and not req.top_k_explicit:
+            req.top_k = index.ntotal  # the default top_k on a store smaller than it
         if req.top_k > index.ntotal:
             raise QueryError(f"top_k={req.top_k} but the store holds only {index.ntotal} chunks")
         scores, ids = index.search(self.rt.embedder.encode([req.question]), req.top_k)

@@ -84,7 +84,7 @@ def _later_chunks_share(pipe, docs):
 
 def _final_cache_rows(pipe, question, docs):
     """The request cache after a blend prefill (chunk rows at every layer)."""
-    req = pipe._request(question, None, docs, "blend", 0.3, 4, 0.0, 1.0, 0, None, None)
+    req = pipe._request(question, None, docs, "blend", 0.3, 4, 0.0, 1.0, 0, None, None, selection="deviation")
     prep = pipe._prepare(req)
     return prep.cache, prep.layout
 
