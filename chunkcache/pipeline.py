@@ -18,7 +18,7 @@ from .answer import Answer, CacheStats, Source, Timings
 from .blend import PromptLayout, blend_selector, initial_positions
 from .config import MODES, ChunkCacheConfig, check_ratio
 from .forward import KVCache, forward_tokens, new_cache
-from .ingest import IngestReport, PendingChunk, ingest_paths, store_chunks
+from .ingest import IngestReport, PendingChunk, ensure_prefix, ingest_paths, store_chunks
 from .prompt import chunk_token_ids, suffix_token_ids
 from .runtime import Runtime
 from .sampling import next_token, top_logprobs
@@ -305,7 +305,6 @@ class RAGPipeline:
         stats.chunk_hits = len(chunks) - stats.chunk_misses
         prefix_key = rt.prefix_key()
         if prefix_key not in rt.store.kv:
-            from .ingest import ensure_prefix
             ensure_prefix(rt)
         device = rt.lm.device
         with rt.store.kv.reader() as reader:
