@@ -258,9 +258,10 @@ class RAGPipeline:
             raise QueryError(f"top_k={req.top_k} but the store holds only {index.ntotal} chunks")
         scores, ids = index.search(self.rt.embedder.encode([req.question]), req.top_k)
         keys = self.rt.store.kv.key_for_id([int(i) for i in ids[0]])
+        with self.rt.store.kv.reader() as reader:  # one read transaction for all the chunks' metadata
+            metas = [reader.meta(key) if key is not None else None for key in keys]
         chunks = []
-        for key, score in zip(keys, scores[0]):
-            meta = self.rt.store.kv.get_meta(key) if key is not None else None
+        for key, score, meta in zip(keys, scores[0], metas):
             if meta is None:
                 raise QueryError(f"the index of {self.rt.store_path} points at a chunk the store lacks; "
                                  "delete index.faiss there to rebuild it")

@@ -71,15 +71,16 @@ class ChunkStore:
         """The Faiss index, loaded from disk, or rebuilt from the stored embeddings when missing or stale."""
         if self._index is None:
             path = self.path / INDEX_FILE
-            ids, vecs = self.kv.embeddings()
+            expected = self.kv.num_embeddings()
             if path.exists():
                 index = VectorIndex.load(path)
-                if index.ntotal == len(ids):
+                if index.ntotal == expected:
                     self._index = index
                     return index
                 log.warning("index %s holds %d vectors but the store has %d: rebuilding it", path,
-                            index.ntotal, len(ids))
-            self._index = self._build_index(ids, vecs)
+                            index.ntotal, expected)
+            # Read the embeddings only when the index has to be rebuilt from them.
+            self._index = self._build_index(*self.kv.embeddings())
         return self._index
 
     def add_to_index(self, ids: np.ndarray, vecs: np.ndarray) -> None:

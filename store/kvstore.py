@@ -141,6 +141,11 @@ class KVStore:
         with self._read_txn() as txn:
             return txn.stat(self._dbs["kv"])["entries"]
 
+    def num_embeddings(self) -> int:
+        """How many chunks have an embedding (what a complete index holds), without reading them."""
+        with self._read_txn() as txn:
+            return txn.stat(self._dbs["emb"])["entries"]
+
     def missing(self, keys: Sequence[bytes]) -> list[bytes]:
         """The keys not yet stored, in the given order, without duplicates (one read transaction).
 
