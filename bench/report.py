@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -121,7 +122,9 @@ def generic_section(data: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Mean KL (log) and top-1 agreement vs TTFT speed-up, one point per mode, Pareto fronts drawn."""
+    """Mean KL (log) and top-1 agreement vs TTFT speed-up, one point per mode, Pareto fronts drawn,
+    and mean KL vs the recompute fraction, one curve per selection policy (runs without timed
+    speed-ups, e.g. --cached-full, get only the last panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,9 +137,11 @@ def plot(result: dict, path: Path) -> None:
     top1 = [s[n]["top1"] for n in names]
     positive = [k for k in kl if k > 0]
     floor = min(positive) / 3 if positive else 1e-6
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    timed = all(math.isfinite(x) and x > 0 for x in speed)
+    fig, axes = plt.subplots(1, 3 if timed else 1, figsize=(18 if timed else 7, 5), squeeze=False)
+    axes = axes[0]
     panels = ((axes[0], [max(k, floor) for k in kl], "mean KL(full || mode), log scale", True),
-              (axes[1], top1, "top-1 agreement with full", False))
+              (axes[1], top1, "top-1 agreement with full", False)) if timed else ()
     for ax, ys, y_label, lower_better in panels:
         front = pareto_front(speed, ys, lower_better)
         ax.scatter(speed, ys, color="tab:blue", zorder=3)
@@ -152,12 +157,36 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(y_label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="best")
+    recompute_curves(axes[-1], s, floor)
     c = result["config"]
     fig.suptitle(f"{Path(c['data']).stem}, {c['questions']} questions, {c['model']}, KV {c['kv_dtype']}, "
                  f"{c['threads']} threads ({result['created'][:10]})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def policy_curves(summary: dict) -> dict[str, list[tuple[float, float]]]:
+    """Modes grouped by policy (the name without its ratio): {policy: [(recompute fraction, mean KL)]}."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for name, m in summary.items():
+        if name == "full":
+            continue
+        policy = re.sub(r"^blend-[0-9.]+", "blend", name)
+        curves.setdefault(policy, []).append((m["recompute_fraction"], m["kl_mean"]))
+    return {p: sorted(points) for p, points in curves.items()}
+
+
+def recompute_curves(ax, summary: dict, floor: float) -> None:
+    for policy, points in policy_curves(summary).items():
+        xs, ys = zip(*points)
+        ax.plot(xs, [max(y, floor) for y in ys], marker="o", label=policy,
+                linestyle="--" if "oracle" in policy else "-")
+    ax.set_yscale("log")
+    ax.set_xlabel("recompute fraction of chunk tokens")
+    ax.set_ylabel("mean KL(full || mode), log scale")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=7)
 
 
 def pareto_front(speed: list[float], quality: list[float], lower_better: bool) -> list[int]:

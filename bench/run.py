@@ -38,6 +38,8 @@ from bench import metrics
 from bench.data import DEFAULT_DATA, REPO_ROOT, Question, load_questions, passage_documents
 from bench.envinfo import dump_json, environment, next_free_path
 from bench.ingest import build_store
+from bench.oracles import oracle_scores
+from bench.reference import CACHE_ROOT, ensure_references
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_STORE_ROOT = REPO_ROOT / ".cache" / "bench-store"
@@ -58,36 +60,77 @@ class ModeSpec:
     deviation: str | None = None
     selection: str | None = None
     check_layer: int | None = None  # None: the pipeline's (--check-layer)
+    chunk_scale: float | str | None = None  # None: the pipeline's ("calibrated")
+    scale_queries: str | None = None
+    oracle: str | None = None  # bench-only selection from full prefill's KV (bench/oracles.py)
 
     def kwargs(self) -> dict:
-        """The `RAGPipeline.evaluate` keyword arguments of this mode."""
+        """The `RAGPipeline.evaluate` keyword arguments of this mode (an oracle's scores come apart)."""
         out = {"mode": self.mode}
-        for name in ("recompute_ratio", "deviation", "selection", "check_layer"):
+        for name in ("recompute_ratio", "deviation", "selection", "check_layer", "chunk_scale", "scale_queries"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
 
 
-def parse_mode(name: str) -> ModeSpec:
-    """`full`, `reuse`, `epic` or `blend-R[-<deviation>][-<selection>][-cN]` (R the recompute ratio)."""
-    from chunkcache.config import DEVIATIONS, SELECTIONS
+MODE_HELP = ("full, reuse, epic or blend-R, with optional suffixes -key/-value (deviation), -{selections} "
+             "(selection), -oracle/-oracleout (bench-only oracle selection), -cN (check layer), "
+             "-soff/-scal/-sS (attention scale on reused chunks: off, calibrated, one S) and -qonly (the scale "
+             "on the question's queries only), e.g. blend-0.15-key-c3 or reuse-s0.5")
 
-    if name in ("full", "reuse", "epic"):
+
+def parse_mode(name: str) -> ModeSpec:
+    """`full`, `reuse[-s..]`, `epic[-s..]` or `blend-R[-<deviation>][-<selection>][-cN][-s..][-qonly]`."""
+    from bench.oracles import ORACLES
+    from chunkcache.config import DEVIATIONS, SELECTIONS, check_chunk_scale
+
+    helptext = MODE_HELP.format(selections="/-".join(SELECTIONS))
+    if name == "full":
         return ModeSpec(name, name)
-    m = re.fullmatch(rf"blend-(\d*\.?\d+)(-(?:{'|'.join(DEVIATIONS)}))?(-(?:{'|'.join(SELECTIONS)}))?(-c\d+)?", name)
-    if not m:
-        raise ValueError(f"unknown mode {name!r}; use full, reuse, epic or blend-R with optional suffixes "
-                         f"-{'/-'.join(DEVIATIONS)} (deviation), -{'/-'.join(SELECTIONS)} (selection) and -cN "
-                         "(check layer), e.g. blend-0.15-key-c3")
-    ratio = float(m.group(1))
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"mode {name!r}: the recompute ratio must be in [0, 1], got {ratio}")
-    deviation = m.group(2)[1:] if m.group(2) else "value"
-    selection = m.group(3)[1:] if m.group(3) else "deviation"
-    check_layer = int(m.group(4)[2:]) if m.group(4) else None
-    canonical = f"blend-{ratio:.2f}" + (f"-{deviation}" if deviation != "value" else "") \
-        + (f"-{selection}" if selection != "deviation" else "") + (f"-c{check_layer}" if check_layer is not None else "")
-    return ModeSpec(canonical, "blend", ratio, deviation, selection, check_layer)
+    head, *parts = name.split("-")
+    if head not in ("reuse", "epic", "blend"):
+        raise ValueError(f"unknown mode {name!r}; use {helptext}")
+    fields: dict = {}
+    canonical = head
+    if head == "blend":
+        if not parts or not re.fullmatch(r"\d*\.?\d+", parts[0]):
+            raise ValueError(f"unknown mode {name!r}: blend needs a recompute ratio (blend-0.15); use {helptext}")
+        ratio = float(parts.pop(0))
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"mode {name!r}: the recompute ratio must be in [0, 1], got {ratio}")
+        fields.update(recompute_ratio=ratio, deviation="value", selection="deviation")
+        canonical += f"-{ratio:.2f}"
+    order = ("deviation", "selection", "check_layer", "chunk_scale", "scale_queries")
+    seen = -1
+    for part in parts:
+        if head == "blend" and part in DEVIATIONS:
+            key, value, text = "deviation", part, part
+        elif head == "blend" and part in SELECTIONS:
+            key, value, text = "selection", part, part
+        elif head == "blend" and part in ORACLES:
+            key, value, text = "selection", part, part
+        elif head == "blend" and re.fullmatch(r"c\d+", part):
+            key, value, text = "check_layer", int(part[1:]), part
+        elif part in ("soff", "scal"):
+            key, value, text = "chunk_scale", {"soff": "off", "scal": "calibrated"}[part], part
+        elif re.fullmatch(r"s\d*\.?\d+", part):
+            key, value = "chunk_scale", float(part[1:])
+            check_chunk_scale(value)
+            text = f"s{value:g}"
+        elif part == "qonly":
+            key, value, text = "scale_queries", "question", part
+        else:
+            raise ValueError(f"unknown mode {name!r} (at {part!r}); use {helptext}")
+        if order.index(key) <= seen:
+            raise ValueError(f"mode {name!r}: suffixes out of order or repeated; use {helptext}")
+        seen = order.index(key)
+        fields[key] = value
+        if not (key == "deviation" and value == "value"):
+            canonical += f"-{text}"
+    if fields.get("selection") in ORACLES:
+        fields["oracle"] = fields.pop("selection")
+        fields["selection"] = "deviation"
+    return ModeSpec(canonical, head, **fields)
 
 
 def parse_modes(names) -> list[ModeSpec]:
@@ -101,6 +144,9 @@ def parse_modes(names) -> list[ModeSpec]:
 class BenchConfig:
     data: Path = DEFAULT_DATA
     limit: int | None = None
+    first: int = 0  # skip the questions before this one (--questions A-B: first=A, limit=B+1)
+    free_running: bool = True  # False: modes other than full are teacher-forced only (no F1, faster)
+    cached_full: bool = False  # full's answer from bench.reference's cache: fidelity only, no speed-ups
     modes: tuple[str, ...] = DEFAULT_MODES
     max_new_tokens: int = 32
     threads: int | None = None
@@ -132,7 +178,9 @@ def run_benchmark(cfg: BenchConfig, *, lm=None, embedder=None) -> dict:
     from bench import report
 
     specs = parse_modes(cfg.modes)
-    questions = load_questions(cfg.data, cfg.limit)
+    questions = load_questions(cfg.data, cfg.limit)[cfg.first:]
+    if not questions:
+        raise ValueError(f"no questions left after skipping the first {cfg.first}")
     store_dir = cfg.store_dir()
     if cfg.rebuild_store:
         remove_store(store_dir)
@@ -142,7 +190,8 @@ def run_benchmark(cfg: BenchConfig, *, lm=None, embedder=None) -> dict:
     pipe = RAGPipeline.open(store_dir, model=cfg.model, lm=lm, embedder=embedder, **overrides)
     try:
         env = environment(pipe)
-        config = {**env, "data": str(cfg.data), "questions": len(questions), "max_new_tokens": cfg.max_new_tokens,
+        config = {**env, "data": str(cfg.data), "questions": len(questions), "first_question": cfg.first,
+                  "free_running": cfg.free_running, "max_new_tokens": cfg.max_new_tokens,
                   "modes": [s.name for s in specs], "store_dir": str(store_dir), "warmup": cfg.warmup}
         print(format_config(config), flush=True)
         store = build_store(pipe, passage_documents(questions, Path(cfg.data).stem), progress=cfg.progress)
@@ -181,15 +230,25 @@ def run_questions(pipe, questions: list[Question], specs: list[ModeSpec], cfg: B
             bar.set_description(q.id)
             started = time.perf_counter()
             bar.set_postfix(mode="full", refresh=True)
-            full, full_answer, forced, reference = run_full(pipe, q, cfg.max_new_tokens)
+            if cfg.cached_full:
+                full, full_answer, forced, reference = cached_full(pipe, q, cfg.max_new_tokens)
+            else:
+                full, full_answer, forced, reference = run_full(pipe, q, cfg.max_new_tokens)
             row = {"id": q.id, "question": q.question, "answers": list(q.answers), "full_answer": full_answer,
                    "forced_ids": forced, "modes": {"full": full}}
             bar.update(1)
             # Rotate the order per question so that no mode always runs right after full.
             shift = number % len(others) if others else 0
+            oracle_ref = None
             for spec in others[shift:] + others[:shift]:
                 bar.set_postfix(mode=spec.name, refresh=True)
-                row["modes"][spec.name] = run_mode(pipe, q, spec, forced, reference, full_answer, cfg.max_new_tokens)
+                extra = {}
+                if spec.oracle:
+                    oracle_ref = oracle_ref or question_reference(pipe, q, cfg.max_new_tokens)
+                    check_layer = spec.check_layer if spec.check_layer is not None else pipe.config.check_layer
+                    extra["selection_scores"] = oracle_scores(oracle_ref, spec.oracle, check_layer)
+                row["modes"][spec.name] = run_mode(pipe, q, spec, forced, reference, full_answer, cfg.max_new_tokens,
+                                                   free_running=cfg.free_running, **extra)
                 bar.update(1)
             row["modes"] = {s.name: row["modes"][s.name] for s in specs}
             row["seconds"] = time.perf_counter() - started
@@ -197,6 +256,20 @@ def run_questions(pipe, questions: list[Question], specs: list[ModeSpec], cfg: B
     finally:
         bar.close()
     return rows
+
+
+def cached_full(pipe, q: Question, max_new_tokens: int):
+    """`run_full`'s results from bench.reference's cache (no timed full prefill: TTFT figures are NaN)."""
+    ref = question_reference(pipe, q, max_new_tokens)
+    nan = float("nan")
+    fid = metrics.fidelity(ref["reference"], ref["reference"])
+    row = {"ttft_s": nan, "answer_ttft_s": nan, "timings": {}, "decode_s_per_token": nan,
+           "stats": {"recompute_fraction": 1.0, "prompt_tokens": ref["prefix_len"] + sum(ref["chunk_lens"])
+                     + ref["suffix_len"], "chunk_misses": 0, "dropped_chunks": 0},
+           "text": ref["full_answer"], "finish_reason": None, **{k: fid[k] for k in ("kl_mean", "kl_first", "top1")},
+           "kl": fid["kl"], "top1_positions": fid["top1_positions"], "f1_vs_full": 1.0,
+           "f1_gold": metrics.best_f1(ref["full_answer"], q.answers)}
+    return row, ref["full_answer"], list(ref["forced_ids"]), ref["reference"]
 
 
 def run_full(pipe, q: Question, max_new_tokens: int):
@@ -217,10 +290,17 @@ def run_full(pipe, q: Question, max_new_tokens: int):
 
 
 def run_mode(pipe, q: Question, spec: ModeSpec, forced: list[int], reference, full_text: str,
-             max_new_tokens: int) -> dict:
+             max_new_tokens: int, free_running: bool = True, **extra) -> dict:
     logprobs, answer = pipe.evaluate(q.question, forced, documents=list(q.documents),
-                                     max_new_tokens=max_new_tokens, free_running=True, **spec.kwargs())
+                                     max_new_tokens=max_new_tokens, free_running=free_running, **spec.kwargs(),
+                                     **extra)
     return mode_row(answer, metrics.fidelity(reference, logprobs), full_text, q)
+
+
+def question_reference(pipe, q: Question, max_new_tokens: int) -> dict:
+    """Full prefill's per-token statistics for the oracles (bench/reference.py; cached on disk)."""
+    root = CACHE_ROOT / pipe.rt.lm.fingerprint[:16]
+    return ensure_references(pipe, [q], root, max_new_tokens, progress=False)[0]
 
 
 def forced_ids(answer, lm, max_new_tokens: int) -> list[int]:
@@ -245,13 +325,15 @@ def ttft_of(answer) -> float:
 
 def mode_row(answer, fid: dict, full_text: str, q: Question) -> dict:
     decode_steps = max(1, answer.stats.completion_tokens)
+    free_running = answer.ttft_s == answer.ttft_s  # NaN without a free-running answer (--forced-only)
     return {
         "ttft_s": ttft_of(answer), "answer_ttft_s": answer.ttft_s, "timings": asdict(answer.timings),
         "decode_s_per_token": answer.timings.decode_s / decode_steps, "stats": asdict(answer.stats),
         "text": answer.text, "finish_reason": answer.finish_reason,
         "kl_mean": fid["kl_mean"], "kl_first": fid["kl_first"], "top1": fid["top1"],
         "kl": fid["kl"], "top1_positions": fid["top1_positions"],
-        "f1_vs_full": metrics.token_f1(answer.text, full_text), "f1_gold": metrics.best_f1(answer.text, q.answers),
+        "f1_vs_full": metrics.token_f1(answer.text, full_text) if free_running else float("nan"),
+        "f1_gold": metrics.best_f1(answer.text, q.answers) if free_running else float("nan"),
     }
 
 
@@ -333,6 +415,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"questions JSONL (default {DEFAULT_DATA})")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--questions", default=None, metavar="A-B",
+                   help="only questions A to B (0-based, inclusive), e.g. 25-49 (the half not used for fitting)")
+    p.add_argument("--cached-full", action="store_true",
+                   help="take full's answer and distributions from bench.reference's cache instead of a timed "
+                        "full run (for fitting and exploring fidelity; no speed-ups)")
+    p.add_argument("--forced-only", action="store_true",
+                   help="modes other than full are only teacher-forced (fidelity and TTFT; no free-running F1)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help="comma-separated modes (full always runs); default: %(default)s")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length, forced and free (default 32)")
@@ -349,7 +438,14 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    help="rewrite the <!-- bench:start/end --> section of README.md (or the file given)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    return BenchConfig(data=a.data, limit=a.limit, modes=tuple(a.modes.split(",")), max_new_tokens=a.max_new_tokens,
+    first, limit = 0, a.limit
+    if a.questions:
+        m = re.fullmatch(r"(\d+)-(\d+)", a.questions)
+        if not m or int(m.group(1)) > int(m.group(2)):
+            p.error(f"--questions must be A-B with A <= B, got {a.questions!r}")
+        first, limit = int(m.group(1)), int(m.group(2)) + 1
+    return BenchConfig(data=a.data, limit=limit, first=first, free_running=not a.forced_only, cached_full=a.cached_full,
+                       modes=tuple(a.modes.split(",")), max_new_tokens=a.max_new_tokens,
                        threads=a.threads, model=a.model, store=a.store, kv_dtype=a.kv_dtype, check_layer=a.check_layer,
                        rebuild_store=a.rebuild_store, warmup=not a.no_warmup, out_dir=a.out_dir, readme=a.readme,
                        progress=not a.no_progress)

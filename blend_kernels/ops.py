@@ -171,7 +171,8 @@ def scatter_rows(dst: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> 
 
 
 def position_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, *, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, *, scale: float | None = None,
+    key_bias: torch.Tensor | None = None, bias_from: int = 0,
 ) -> torch.Tensor:
     """Attention of selected queries where query i sees exactly keys 0..q_pos[i].
 
@@ -182,6 +183,10 @@ def position_causal_attention(
         q_pos: int [nq] query positions, any order, each in [0, Nk). On CUDA the range check costs
             one sync the first time a given q_pos tensor is seen.
         scale: softmax scale, default head_dim ** -0.5.
+        key_bias: optional fp32 [1 or q_heads, Nk], added to the logits of every query at a position
+            >= bias_from: log(S) multiplies a key's attention weight by S before renormalising (the
+            APE-style scale on reused chunks, see chunkcache/blend.py). None: plain attention.
+        bias_from: the first query position that takes key_bias.
     Returns:
         [q_heads, nq, head_dim] in q.dtype; softmax in fp32.
     """
@@ -211,6 +216,14 @@ def position_causal_attention(
     require_in_range("q_pos", q_pos, 0, num_keys)
     scale = head_dim**-0.5 if scale is None else float(scale)
     q_pos = q_pos.to(torch.int64)
+    if key_bias is not None:
+        require_tensor("key_bias", key_bias)
+        if key_bias.dtype != torch.float32 or key_bias.dim() != 2 or key_bias.shape[0] not in (1, q_heads) \
+                or key_bias.shape[1] < num_keys:
+            raise ValueError(f"key_bias ({describe(key_bias)}) must be float32 [1 or q_heads={q_heads}, Nk >= "
+                             f"{num_keys}]")
+        require_same_device(q=q, key_bias=key_bias)
     if backend.resolve(device) == "triton":
-        return _launcher("attention.kernel", "position_causal_attention_triton")(q, k, v, q_pos, scale)
-    return position_causal_attention_torch(q, k, v, q_pos, scale)
+        return _launcher("attention.kernel", "position_causal_attention_triton")(
+            q, k, v, q_pos, scale, key_bias=key_bias, bias_from=bias_from)
+    return position_causal_attention_torch(q, k, v, q_pos, scale, key_bias=key_bias, bias_from=bias_from)

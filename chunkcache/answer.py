@@ -25,12 +25,14 @@ class Timings:
 class CacheStats:
     mode: str = ""
     prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose KV came from the store and was not recomputed
+    cached_tokens: int = 0  # prompt tokens whose KV was read from the store (not a miss) and not recomputed
     recomputed_tokens: int = 0  # prompt tokens computed through the last layer (suffix included)
     recompute_fraction: float = 0.0  # share of chunk tokens recomputed (the ratio actually used)
     chunk_hits: int = 0
     chunk_misses: int = 0
     dropped_chunks: int = 0  # lowest-ranked chunks left out to fit the context window
+    damaged_chunks: int = 0  # stored KVs that failed their checksum: recomputed, rewritten, counted as misses
+    unstored_chunks: int = 0  # missed `documents` computed for this request only (quota spent, or not persisted)
     completion_tokens: int = 0
 
 
@@ -43,7 +45,7 @@ class Answer:
     total_s: float
     timings: Timings
     stats: CacheStats
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS), "length", or "cancelled" (the caller stopped it, e.g. its client left)
     logprobs: list[dict] | None = None
     config: dict = field(default_factory=dict)
 

@@ -10,6 +10,11 @@ Pure functions over positions and scores; `forward.forward_tokens` runs what the
 The first chunk sits right after the prefix it was computed after, so its cached KV is already
 what full prefill gives (to the store's dtype): blend neither recomputes nor selects it, and the
 whole budget goes to the chunks that lost their context.
+
+Every mode that reuses chunks can also scale the attention paid to the chunks that lost their
+context (`chunk_key_bias`): each was encoded as if it opened the document, so later tokens give it
+too much attention mass (APE). A per-layer, per-head factor S (fitted offline, see
+chunkcache/calibration.py) multiplies those rows' attention weights before renormalising.
 """
 from __future__ import annotations
 
@@ -68,24 +73,49 @@ def initial_positions(mode: str, layout: PromptLayout, epic_tokens: int = 16) ->
     raise ValueError(f"unknown mode {mode!r}")
 
 
+def stale_chunk_span(layout: PromptLayout) -> tuple[int, int]:
+    """[start, end) positions of the chunks that lost their context: every chunk after the first."""
+    start = layout.chunk_starts[1] if len(layout.chunk_lens) > 1 else layout.suffix_start
+    return start, layout.suffix_start
+
+
+def chunk_key_bias(layout: PromptLayout, log_scale: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The attention correction for one prompt: log(S) on the stale chunks' rows, 0 elsewhere.
+
+    log_scale: fp32 [layers, 1 or q_heads] -> fp32 [layers, 1 or q_heads, capacity], the
+    `KVCache.key_bias` layout. `forward_tokens` clears a row's bias in every layer where it
+    computes that row afresh, so recomputed tokens (blend's first layers, its selected tokens, and
+    everything at ratio 1.0) are attended plainly.
+    """
+    start, end = stale_chunk_span(layout)
+    bias = torch.zeros(*log_scale.shape, capacity, dtype=torch.float32, device=log_scale.device)
+    bias[:, :, start:end] = log_scale[:, :, None].float()
+    return bias
+
+
 def num_to_select(layout: PromptLayout, ratio: float) -> int:
     return int(round(ratio * layout.num_chunk_tokens))
 
 
 def blend_selector(layout: PromptLayout, ratio: float, *, deviation: str = "value",
-                   selection: str = "deviation") -> Selector:
+                   selection: str = "deviation", scores: torch.Tensor | None = None) -> Selector:
     """Selector for the check layer: top `ratio` of chunk tokens by score, plus every suffix token.
 
     selection: "deviation" (squared L2 between fresh and cached K or V, as CacheBlend),
     "query" (attention the question's tokens pay to each chunk token, as ProphetKV),
     "hybrid" (half the budget each, query first), or "impact" (attention mass times the L2
     deviation: a first-order bound on how much a token's stale KV moves the question's
-    attention output, sum_j a_j * ||v_j - v'_j||).
+    attention output, sum_j a_j * ||v_j - v'_j||). `scores` (fp32 [prompt tokens], by position)
+    overrides `selection`: benchmark oracles pass what only full prefill knows.
     """
     budget = num_to_select(layout, ratio)
 
     def select(probe: LayerProbe) -> torch.Tensor:
         is_suffix = probe.positions >= layout.suffix_start
+        if scores is not None:
+            # Given per-position scores (the benchmark's oracles, which know full prefill's KV).
+            given = scores.to(probe.positions.device)[probe.positions.clamp(max=len(scores) - 1)]
+            return select_tokens(given.float().masked_fill(is_suffix, 0.0), budget, always=is_suffix)
         if selection == "deviation":
             return select_tokens(chunk_deviation(probe, deviation, is_suffix), budget, always=is_suffix)
         query = query_attention_scores(probe, is_suffix)

@@ -1,12 +1,15 @@
 """Splitting documents into chunks of at most `chunk_tokens` LLM tokens.
 
 Chunks break at paragraph boundaries where possible, then at sentence boundaries, and only
-inside a sentence when a single sentence is longer than a chunk.
+inside a sentence when a single sentence is longer than a chunk. Document text is untrusted: it is
+counted and split as plain text (chunkcache/tokens.py), as `chunk_token_ids` will tokenize it.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from .tokens import encode_plain, plain_offsets
 
 _PARAGRAPH = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -71,8 +74,7 @@ def _spans(text: str, sep: re.Pattern, start: int, end: int):
 
 def _split_long(text: str, start: int, end: int, tokenizer, chunk_tokens: int):
     """Split one over-long sentence at token boundaries (via offsets) into windows."""
-    enc = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+    offsets = plain_offsets(tokenizer, text[start:end])
     for i in range(0, len(offsets), chunk_tokens):
         window = offsets[i:i + chunk_tokens]
         w_end = offsets[i + chunk_tokens][0] if i + chunk_tokens < len(offsets) else end - start
@@ -80,4 +82,4 @@ def _split_long(text: str, start: int, end: int, tokenizer, chunk_tokens: int):
 
 
 def _count(tokenizer, text: str) -> int:
-    return len(tokenizer.encode(text, add_special_tokens=False))
+    return len(encode_plain(tokenizer, text))

@@ -1,4 +1,4 @@
-"""`chunkcache` command line: ingest, query, demo, info, serve, bench.
+"""`chunkcache` command line: ingest, query, demo, info, verify, gc, serve, bench.
 
 The CLI only translates flags into a ChunkCacheConfig and calls the library.
 """
@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import sys
+
+from store import DamagedStoreError
 
 from .config import DEVIATIONS, INDEX_KINDS, KV_DTYPES, MODES, SELECTIONS, ChunkCacheConfig, cache_home
 from .corpus import SUPPORTED_SUFFIXES
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the store holds every batch written so far; re-run the same command to resume",
               file=sys.stderr)
         return 130
+    except DamagedStoreError as exc:  # refused before LMDB maps the file: never a SIGBUS
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -46,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "each chunk's KV cache in LMDB. Re-running skips unchanged files and stored chunks; an "
                        "interrupted run resumes. Supported files: " + " ".join(SUPPORTED_SUFFIXES) + " (JSON Lines: "
                        "one document per line with a 'text' field, optional 'title'); directories are read "
-                       "recursively; other, binary or non-UTF-8 files are skipped and reported.")
+                       "recursively (links followed, loops refused); files of other types are ignored; FIFOs, devices, "
+                       "unreadable, too large, binary or non-UTF-8 files and bad JSONL lines are skipped, reported, "
+                       "and make the exit status 1.")
     p.add_argument("paths", nargs="+", metavar="PATH")
     _store_args(p)
     p.add_argument("--chunk-tokens", type=int, default=256, help="chunk size in LLM tokens (default 256)")
@@ -73,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(p)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("verify", help="check every stored checksum and the index; --repair fixes what it finds",
+                       description="Read every KV entry, metadata and embedding and check its checksum, and check "
+                       "that index.faiss matches the store. Exit code 0: clean (or repaired), 1: damage found. "
+                       "--repair recomputes damaged KVs and embeddings (loads the models), deletes chunks whose "
+                       "metadata is lost (re-run ingest on the sources it names) and rebuilds the index.")
+    _store_args(p)
+    p.add_argument("--repair", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("gc", help="evict KV entries until the store's KV bytes fit a size",
+                       description="Evict KV entries (never text, metadata or embeddings: evicted chunks stay "
+                       "retrievable and are recomputed on their next use) until the KV payload is at most BYTES "
+                       "(default: the store's max_store_bytes). Request entries go first, least recently used "
+                       "weighted by recompute cost per byte; ingested entries only after, blind to usage. LMDB "
+                       "reuses the freed pages; data.mdb does not shrink.")
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
+    p.add_argument("--to", type=_size, default=None, metavar="BYTES", help="target, e.g. 500000000, 800M, 2G")
+    p.add_argument("--set-cap", action="store_true", help="also record BYTES as the store's max_store_bytes")
+    p.set_defaults(func=cmd_gc)
+
     sub.add_parser("bench", help="TTFT and fidelity benchmark on MuSiQue (see `chunkcache bench --help`)")
 
     p = sub.add_parser("serve", help="run the HTTP API (FastAPI under uvicorn)")
@@ -82,8 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY[:TENANT]",
                    help="require this bearer key (repeatable); a tenant namespaces its cached chunks "
                    "(also CHUNKCACHE_API_KEYS=key1,key2:tenant)")
+    p.add_argument("--admin-key", default=None, metavar="KEY",
+                   help="the key that reads /metrics once any key is configured (API keys cannot); prefer "
+                   "CHUNKCACHE_ADMIN_KEY, since flags show in the process list")
     p.add_argument("--shared-cache", action="store_true",
-                   help="let all tenants share cached chunks (their timing then reveals what others asked)")
+                   help="let all tenants share the chunks of their `documents` (their timing then reveals what "
+                   "others sent); ingested chunks are shared by every tenant either way")
+    p.add_argument("--document-quota", type=_size, default=None, metavar="BYTES", dest="document_quota_bytes",
+                   help="KV bytes each tenant may have stored from its request `documents` (e.g. 500M); past it "
+                   "they are computed for the request only (default: no limit)")
+    p.add_argument("--no-persist-documents", action="store_const", const=False, default=None,
+                   dest="persist_documents", help="never store request `documents`: compute their KV per request")
     p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 2 MiB)")
     p.add_argument("--model-name", default=None, help="model id shown by /v1/models")
     p.set_defaults(func=cmd_serve)
@@ -96,6 +132,9 @@ def _store_args(p: argparse.ArgumentParser, default: str = DEFAULT_STORE) -> Non
     p.add_argument("--embedder", default=None, help="sentence-transformers model (default all-MiniLM-L6-v2)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-store-bytes", type=_size, default=None, metavar="BYTES",
+                   help="cap the stored KV bytes (e.g. 20G): past it, KV entries are evicted and recomputed on "
+                   "use; recorded in a new store's manifest, overrides the recorded cap for this run")
 
 
 def _query_args(p: argparse.ArgumentParser) -> None:
@@ -122,7 +161,7 @@ def open_pipeline(args, **extra):
     from .pipeline import RAGPipeline
 
     overrides = overrides_from(args, ("model", "embedder", "device", "threads", "check_layer", "deviation",
-                                      "selection"))
+                                      "selection", "max_store_bytes", "document_quota_bytes", "persist_documents"))
     return RAGPipeline.open(args.store, **overrides, **extra)
 
 
@@ -130,11 +169,16 @@ def cmd_ingest(args) -> int:
     from .pipeline import RAGPipeline
 
     overrides = overrides_from(args, ("model", "embedder", "device", "threads", "chunk_tokens", "kv_dtype",
-                                      "index_kind"))
+                                      "index_kind", "max_store_bytes"))
     pipe = RAGPipeline.open(args.store, **overrides)
     report = pipe.ingest(args.paths, progress=not args.no_progress)
     print(report.summary())
     print(_store_line(pipe))
+    if report.skipped:
+        # Everything readable is stored; the exit status says that not everything was.
+        print(f"error: {len(report.skipped)} path(s) or line(s) skipped (listed above); fix or remove them and "
+              "re-run (stored chunks are kept)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -206,8 +250,63 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .repair import repair_store, verify_store
+    from .storedir import ChunkStore
+
+    if args.repair:
+        pipe = open_pipeline(args)
+        report = repair_store(pipe.rt)
+    else:
+        store = ChunkStore(args.store, readonly=True)
+        report, _ = verify_store(store)
+    print(report.summary())
+    return 0 if report.clean else 1
+
+
+def cmd_gc(args) -> int:
+    from pathlib import Path
+
+    from .storedir import ChunkStore
+
+    if not (Path(args.store) / "kv.lmdb").is_dir():
+        raise ValueError(f"no chunkcache store at {args.store}; nothing to collect")
+    store = ChunkStore(args.store)
+    target = args.to if args.to is not None else (store.manifest or {}).get("max_store_bytes")
+    if target is None:
+        raise ValueError(f"store {args.store} has no max_store_bytes; give the target size: --to BYTES")
+    before = store.kv.kv_bytes()
+    evicted, freed = store.kv.evict_to(target)
+    if args.set_cap:
+        store.write_manifest({**(store.manifest or {}), "max_store_bytes": target})
+    print(f"KV bytes: {before} -> {store.kv.kv_bytes()} (target {target}); evicted {evicted} entries, "
+          f"{freed} bytes" + ("; max_store_bytes recorded" if args.set_cap else ""))
+    if store.kv.kv_bytes() > target:
+        print("the prompt prefix alone is over the target; it is never evicted", file=sys.stderr)
+    return 0
+
+
+def _size(text: str) -> int:
+    """'800M' -> 838860800; plain integers are bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes, or a number with K, M, G or T)") from None
+
+
 def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from store.lmdbfile import check_data_file
+
     from .server import serve
+
+    # The server opens the store in the background; refuse a damaged one here, with exit code 1.
+    check_data_file(Path(args.store) / "kv.lmdb" / "data.mdb")
 
     serve(args)
     return 0

@@ -13,6 +13,9 @@ from pathlib import Path
 MODES = ("full", "reuse", "blend", "epic")
 DEVIATIONS = ("key", "value")
 SELECTIONS = ("deviation", "query", "hybrid", "impact")
+CHUNK_SCALES = ("calibrated", "off")  # or one number S for every layer and head
+SCALE_QUERIES = ("all", "question")
+MAX_CHUNK_SCALE = 4.0
 KV_DTYPES = ("float16", "bfloat16", "float32")
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 
@@ -47,11 +50,19 @@ class ChunkCacheConfig:
     instruction: str = DEFAULT_INSTRUCTION
     index_kind: str = "flat"
     namespace: str = ""  # tenant salt mixed into every chunk key ("" = shared)
+    # Cap on stored KV payload bytes; past it KV entries are evicted (store/eviction.py). Recorded in the
+    # manifest when the store is created; unlike the fields above, a later open may override it.
+    max_store_bytes: int | None = None
 
     # process
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:N"
     compute_dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    # Request `documents` (chunkcache/accounting.py): whether their KVs are stored for later requests, and
+    # how many KV bytes each namespace (tenant) may have written that way (None: no limit). Past the quota,
+    # or with persist_documents off, a document's KV is computed for its request only.
+    persist_documents: bool = True
+    document_quota_bytes: int | None = None
 
     # query defaults
     mode: str = "blend"
@@ -61,6 +72,10 @@ class ChunkCacheConfig:
     deviation: str = "value"
     selection: str = "impact"
     epic_tokens: int = 16
+    # Attention scale S on the reused chunks after the first (blend.chunk_key_bias): "calibrated"
+    # (the model's fitted per-layer, per-head table; no table: off), "off", or one S in (0, 4].
+    chunk_scale: float | str = "calibrated"
+    scale_queries: str = "all"  # which queries take S: "all", or the "question" and answer only
     max_new_tokens: int = 128
     max_question_chars: int = 4000
 
@@ -77,8 +92,19 @@ class ChunkCacheConfig:
         _one_of("kv_dtype", self.kv_dtype, KV_DTYPES)
         _one_of("index_kind", self.index_kind, INDEX_KINDS)
         check_ratio(self.recompute_ratio)
+        check_chunk_scale(self.chunk_scale)
+        _one_of("scale_queries", self.scale_queries, SCALE_QUERIES)
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.max_store_bytes is not None and (isinstance(self.max_store_bytes, bool)
+                                                 or not isinstance(self.max_store_bytes, int)
+                                                 or self.max_store_bytes < 0):
+            raise ValueError(f"max_store_bytes must be an integer >= 0 (or None: no cap), got {self.max_store_bytes!r}")
+        if self.document_quota_bytes is not None and (isinstance(self.document_quota_bytes, bool)
+                                                      or not isinstance(self.document_quota_bytes, int)
+                                                      or self.document_quota_bytes < 0):
+            raise ValueError("document_quota_bytes must be an integer >= 0 (or None: no limit), got "
+                             f"{self.document_quota_bytes!r}")
         if not 16 <= self.chunk_tokens <= 8192:
             raise ValueError(f"chunk_tokens must be in [16, 8192], got {self.chunk_tokens}")
         if self.check_layer < 0:
@@ -102,6 +128,14 @@ class ChunkCacheConfig:
 def check_ratio(ratio: float) -> None:
     if not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0):
         raise ValueError(f"recompute_ratio must be in [0, 1], got {ratio!r}")
+
+
+def check_chunk_scale(scale) -> None:
+    if scale in CHUNK_SCALES:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale <= MAX_CHUNK_SCALE:
+        raise ValueError(f"chunk_scale must be {' or '.join(repr(c) for c in CHUNK_SCALES)} or a number in "
+                         f"(0, {MAX_CHUNK_SCALE:g}], got {scale!r}")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

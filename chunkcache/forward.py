@@ -30,6 +30,12 @@ class KVCache:
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
+    # Optional attention correction (chunkcache/blend.py, `chunk_key_bias`): fp32 [layers, 1 or
+    # q_heads, capacity] added to the attention logits of every query at a position >= bias_from,
+    # so log(S) on a reused chunk's stale rows scales their attention mass by S. A row computed
+    # in a layer is fresh there, and its bias is cleared. None: plain attention.
+    key_bias: torch.Tensor | None = None
+    bias_from: int = 0
 
     @property
     def capacity(self) -> int:
@@ -100,22 +106,9 @@ def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: torch.Tensor, pos
             keep = selector(probe)
         scatter_rows(cache.k[index], k, positions)
         scatter_rows(cache.v[index], v, positions)
-        if contiguous_from_zero:
-            # Plain causal prefill: no mask to build. The inputs must be 4-D: torch's CPU flash
-            # kernel takes only [batch, heads, tokens, dim]; 3-D falls back to a math path ~9x slower.
-            n = len(positions)
-            attn = F.scaled_dot_product_attention(q[None], cache.k[index][None, :, :n], cache.v[index][None, :, :n],
-                                                  is_causal=True, scale=layer.self_attn.scaling, enable_gqa=True)[0]
-        elif len(positions) == 1:
-            # One query (a decode step) sees every key up to its own row: no mask at all.
-            kv_len = int(positions[0].item()) + 1
-            attn = F.scaled_dot_product_attention(q[None], cache.k[index][None, :, :kv_len],
-                                                  cache.v[index][None, :, :kv_len], scale=layer.self_attn.scaling,
-                                                  enable_gqa=True)[0]
-        else:
-            kv_len = int(positions[-1].item()) + 1
-            attn = position_causal_attention(q, cache.k[index][:, :kv_len], cache.v[index][:, :kv_len],
-                                             positions, scale=layer.self_attn.scaling)
+        if cache.key_bias is not None:
+            cache.key_bias[index].index_fill_(1, positions, 0.0)  # a row computed here is no longer stale
+        attn = _attention(cache, index, q, positions, layer.self_attn.scaling, contiguous_from_zero)
         h = h + layer.self_attn.o_proj(attn.transpose(0, 1).reshape(h.shape[0], -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if keep is not None:
@@ -127,6 +120,30 @@ def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: torch.Tensor, pos
     last = h if all_logits else h[-1:]
     logits = lm.hf_model.lm_head(model.norm(last)).float()
     return ForwardResult(logits if all_logits else logits[0], positions, info)
+
+
+def _attention(cache: KVCache, index: int, q: torch.Tensor, positions: torch.Tensor, scale: float,
+               contiguous_from_zero: bool) -> torch.Tensor:
+    """q: [q_heads, n, D] at `positions` over layer `index` of the cache -> [q_heads, n, D]."""
+    bias = cache.key_bias[index] if cache.key_bias is not None else None
+    if bias is not None and int(positions[-1]) < cache.bias_from:
+        bias = None  # no query here takes the correction
+    if contiguous_from_zero and bias is None:
+        # Plain causal prefill: no mask to build. The inputs must be 4-D: torch's CPU flash
+        # kernel takes only [batch, heads, tokens, dim]; 3-D falls back to a math path ~9x slower.
+        n = len(positions)
+        return F.scaled_dot_product_attention(q[None], cache.k[index][None, :, :n], cache.v[index][None, :, :n],
+                                              is_causal=True, scale=scale, enable_gqa=True)[0]
+    if len(positions) == 1:
+        # One query (a decode step) sees every key up to its own row: no causal mask at all.
+        kv_len = int(positions[0].item()) + 1
+        mask = bias[None, :, None, :kv_len].to(q.dtype) if bias is not None else None
+        return F.scaled_dot_product_attention(q[None], cache.k[index][None, :, :kv_len],
+                                              cache.v[index][None, :, :kv_len], attn_mask=mask, scale=scale,
+                                              enable_gqa=True)[0]
+    kv_len = int(positions[-1].item()) + 1
+    return position_causal_attention(q, cache.k[index][:, :kv_len], cache.v[index][:, :kv_len], positions,
+                                     scale=scale, key_bias=bias, bias_from=cache.bias_from)
 
 
 def _project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lm: LoadedModel):

@@ -4,18 +4,26 @@ Resumable by construction: KVs are written in small atomic batches keyed by cont
 marked done only once all its chunks are stored, and a re-run skips unchanged files and stored
 chunks. The Faiss index is derived from the stored embeddings, so an interrupted run leaves a
 store that opens (the index is rebuilt if it lags behind).
+
+A source whose content changed, or that was removed from a directory being ingested, has its old
+chunks retired: its record first lists them as "stale", then they are deleted from the store (unless
+another source still holds the same text), then the list is cleared; a run interrupted in between
+finishes the job on the next run.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import Counter
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .chunker import split_chunks
-from .corpus import CorpusError, read_documents, scan_paths
+from .corpus import SUPPORTED_SUFFIXES, CorpusError, read_documents, scan_paths
 from .kvcompute import chunk_kv, extract_kv, prefix_cache
 from .prompt import chunk_token_ids
 from .runtime import Runtime
@@ -37,11 +45,15 @@ class PendingChunk:
 class IngestReport:
     files: int = 0
     files_unchanged: int = 0
+    # Paths (and JSONL lines, "path#L<n>") that should have been read but were not: `chunkcache ingest`
+    # exits nonzero when there are any. `ignored`: files of unsupported types, not an error.
     skipped: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
     documents: int = 0
     chunks: int = 0
     chunks_computed: int = 0
     chunks_reused: int = 0
+    chunks_retired: int = 0
     tokens_computed: int = 0
     seconds_kv: float = 0.0
     seconds_embed: float = 0.0
@@ -52,11 +64,18 @@ class IngestReport:
         return self.tokens_computed / self.seconds_kv if self.seconds_kv else 0.0
 
     def summary(self) -> str:
-        lines = [f"files: {self.files} read, {self.files_unchanged} unchanged, {len(self.skipped)} skipped",
-                 f"chunks: {self.chunks} ({self.chunks_computed} computed, {self.chunks_reused} already stored)",
+        lines = [f"files: {self.files} read, {self.files_unchanged} unchanged, {len(self.skipped)} skipped"
+                 + (f", {len(self.ignored)} ignored" if self.ignored else ""),
+                 f"chunks: {self.chunks} ({self.chunks_computed} computed, {self.chunks_reused} already stored"
+                 + (f", {self.chunks_retired} retired from edited or removed files" if self.chunks_retired else "")
+                 + ")",
                  f"KV compute: {self.tokens_computed} tokens in {self.seconds_kv:.1f} s "
                  f"({self.tokens_per_s:.0f} tokens/s); embedding {self.seconds_embed:.1f} s; "
                  f"total {self.seconds_total:.1f} s"]
+        if self.ignored:
+            kinds = Counter(Path(p).suffix or "(no suffix)" for p in self.ignored)
+            lines.append(f"ignored (unsupported types; supported: {' '.join(SUPPORTED_SUFFIXES)}): "
+                         + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
         lines += [f"skipped {path}: {why}" for path, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -65,14 +84,16 @@ def ingest_paths(rt: Runtime, paths, *, progress: bool = True) -> IngestReport:
     """Ingest files and directories into the runtime's store; see the module docstring."""
     started = time.perf_counter()
     scan = scan_paths(paths)
-    report = IngestReport(skipped=dict(scan.skipped))
+    report = IngestReport(skipped=dict(scan.skipped), ignored=dict(scan.ignored))
     todo: list[tuple[str, str, list[PendingChunk]]] = []
     for path in scan.files:
         try:
-            docs = read_documents(path)
+            read = read_documents(path)
         except CorpusError as exc:
             report.skipped[str(path)] = str(exc)
             continue
+        docs = read.documents
+        report.skipped.update(read.bad_lines)  # a JSONL file keeps its good lines
         report.files += 1
         report.documents += len(docs)
         digest = "|".join(d.digest for d in docs)
@@ -91,15 +112,60 @@ def ingest_paths(rt: Runtime, paths, *, progress: bool = True) -> IngestReport:
     bar = tqdm(total=total_missing, unit="chunk", disable=not progress, desc="ingest", dynamic_ncols=True)
     try:
         for source, digest, chunks in todo:
+            old = rt.store.kv.get_source(source) or {}
             stored = store_chunks(rt, chunks, report=report, bar=bar, embed=True)
             report.chunks += len(chunks)
+            keys = [k.hex() for k in stored]
+            stale = sorted((set(old.get("keys", [])) | set(old.get("stale", []))) - set(keys))
             rt.store.kv.put_source(source, {"digest": digest, "complete": True, "num_chunks": len(chunks),
-                                            "keys": [k.hex() for k in stored]})
-    finally:
+                                            "keys": keys, **({"stale": stale} if stale else {})})
+        _mark_removed(rt, paths, {str(f) for f in scan.files})
+        report.chunks_retired = retire_stale(rt)
+    except BaseException:
         bar.close()
-        rt.store.save_index()
+        # NOTE: the first error is the one to report (e.g. disk full); a failed index save must not mask it.
+        try:
+            rt.store.save_index()
+        except Exception as exc:  # noqa: BLE001 - logged; the index is rebuilt from the store on next open
+            log.warning("index not saved after the failed ingest: %s", exc)
+        raise
+    bar.close()
+    rt.store.save_index()
     report.seconds_total = time.perf_counter() - started
     return report
+
+
+def _mark_removed(rt: Runtime, paths, present: set[str]) -> None:
+    """Mark the records of files that vanished from an ingested directory: all their chunks are stale."""
+    roots = [str(Path(p).resolve()) + os.sep for p in paths if Path(p).is_dir()]
+    for source, record in rt.store.kv.sources().items():
+        if source in present or not any(source.startswith(r) for r in roots) or Path(source).exists():
+            continue
+        stale = sorted(set(record.get("keys", [])) | set(record.get("stale", [])))
+        rt.store.kv.put_source(source, {"removed": True, "keys": [], "stale": stale, "num_chunks": 0})
+
+
+def retire_stale(rt: Runtime) -> int:
+    """Delete the chunks that source records list as stale and no source still holds; returns how many.
+
+    Every process's index drops them on its next query (`ChunkStore.refresh`).
+    """
+    records = rt.store.kv.sources()
+    held = {k for r in records.values() for k in r.get("keys", [])}
+    pending = {s: r for s, r in records.items() if r.get("stale")}
+    if not pending:
+        return 0
+    doomed = {k for r in pending.values() for k in r["stale"]} - held
+    retired = rt.store.kv.delete_chunks([bytes.fromhex(k) for k in sorted(doomed)])
+    for source, record in pending.items():
+        if record.get("removed"):
+            rt.store.kv.delete_source(source)
+        else:
+            rt.store.kv.put_source(source, {k: v for k, v in record.items() if k != "stale"})
+    rt.store.refresh()
+    if retired:
+        log.info("retired %d chunk(s) of edited or removed sources", retired)
+    return retired
 
 
 def document_chunks(rt: Runtime, doc) -> list[PendingChunk]:
@@ -138,6 +204,17 @@ def store_chunks(rt: Runtime, chunks: list[PendingChunk], *, report: IngestRepor
             for start in range(0, len(todo), WRITE_BATCH):
                 _store_batch(rt, todo[start:start + WRITE_BATCH], scratch, report, bar, embed)
     return [c.key for c in chunks]
+
+
+def recompute_kv(rt: Runtime, chunks: list[PendingChunk]) -> None:
+    """Recompute stored chunks' KVs and overwrite them (damaged entries), keeping metadata and ids."""
+    if not chunks:
+        return
+    prefix_len = len(rt.template.prefix_ids)
+    with rt.lock:
+        scratch = prefix_cache(rt.lm, list(rt.template.prefix_ids), prefix_len + max(len(c.token_ids) for c in chunks))
+        items = [(c.key, chunk_kv(rt.lm, scratch, prefix_len, c.token_ids, rt.kv_dtype)) for c in chunks]
+    rt.store.kv.replace_kv(items)
 
 
 def _store_batch(rt: Runtime, batch: list[PendingChunk], scratch, report: IngestReport, bar, embed: bool) -> None:

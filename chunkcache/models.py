@@ -45,6 +45,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     inv_freq: torch.Tensor  # fp32 [head_dim // 2], on device
+    calibration_id: str = ""  # hash of architecture and weight identity (no dtype): keys fitted constants
 
     @property
     def config(self):
@@ -137,9 +138,11 @@ def prepare_model(hf_model, tokenizer, *, spec: str, device: torch.device,
     rotary = hf_model.model.rotary_emb
     inv_freq = rotary.inv_freq.detach().to(device=device, dtype=torch.float32)
     rope_self_test(rotary, inv_freq, hf_model.config)
-    fingerprint = model_fingerprint(hf_model, dtype, weights_id or parameters_digest(hf_model))
+    weights_id = weights_id or parameters_digest(hf_model)
+    fingerprint = model_fingerprint(hf_model, dtype, weights_id)
     return LoadedModel(hf_model=hf_model, tokenizer=tokenizer, spec=spec, fingerprint=fingerprint,
-                       device=device, dtype=dtype, inv_freq=inv_freq)
+                       device=device, dtype=dtype, inv_freq=inv_freq,
+                       calibration_id=model_fingerprint(hf_model, None, weights_id))
 
 
 def check_architecture(hf_config) -> None:
@@ -151,7 +154,7 @@ def check_architecture(hf_config) -> None:
     check_rope_supported(hf_config)
 
 
-def model_fingerprint(hf_model, dtype: torch.dtype, weights_id: str) -> str:
+def model_fingerprint(hf_model, dtype: torch.dtype | None, weights_id: str) -> str:
     cfg = hf_model.config
     arch = {name: getattr(cfg, name, None) for name in (
         "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",

@@ -4,11 +4,16 @@ The prefix (chat template opening, system prompt, instruction) and every chunk a
 their own and never re-tokenized in context (DESIGN.md section 8: a separator that tokenizes
 differently inside a prompt breaks chunk matching). The template is read from the model's own
 chat template by rendering it around sentinels and splitting there.
+
+Only the template adds control tokens: chunk texts and the question are untrusted and tokenized with
+special-token strings as plain text (chunkcache/tokens.py).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+
+from .tokens import encode_around, encode_plain, encode_template
 
 _DOCS = "\x00CHUNKCACHE_DOCUMENTS\x00"
 _QUESTION = "\x00CHUNKCACHE_QUESTION\x00"
@@ -35,18 +40,16 @@ def build_template(tokenizer, system_prompt: str, instruction: str) -> PromptTem
         text = f"{system_prompt}\n\n{user}\n\nAnswer:"
     prefix_text, rest = text.split(_DOCS)
     head, tail = rest.split(_QUESTION)
-    return PromptTemplate(tuple(encode(tokenizer, prefix_text)), head, tail)
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    # Special tokens in the rendered template are text here; the template already holds any BOS.
-    return tokenizer.encode(text, add_special_tokens=False)
+    # The prefix is the store's own system prompt and instruction in the chat template: trusted.
+    return PromptTemplate(tuple(encode_template(tokenizer, prefix_text)), head, tail)
 
 
 def chunk_token_ids(tokenizer, chunk_text: str) -> list[int]:
-    """A chunk's token ids as they sit in every prompt (its own text plus the separator)."""
-    return encode(tokenizer, chunk_text.strip() + CHUNK_SEPARATOR)
+    """A chunk's token ids as they sit in every prompt (its own text plus the separator); the text is
+    untrusted, so `<|im_start|>` in it stays characters."""
+    return encode_plain(tokenizer, chunk_text.strip() + CHUNK_SEPARATOR)
 
 
 def suffix_token_ids(tokenizer, template: PromptTemplate, question: str) -> list[int]:
-    return encode(tokenizer, template.suffix_head + question.strip() + template.suffix_tail)
+    """The question (untrusted: plain text) between the template's closing pieces (with their control tokens)."""
+    return encode_around(tokenizer, template.suffix_head, question.strip(), template.suffix_tail)

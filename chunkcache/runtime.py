@@ -57,6 +57,9 @@ class Runtime:
                 raise ValueError(f"store {store_dir} was built with {({k: recorded[k] for k in changed})}; "
                                  f"these settings cannot be overridden for it (asked: {changed})")
             config = config.replace(**{k: v for k, v in recorded.items() if k not in overrides})
+            if "max_store_bytes" not in overrides and manifest.get("max_store_bytes") is not None:
+                config = config.replace(max_store_bytes=manifest["max_store_bytes"])
+        store.kv.max_kv_bytes = config.max_store_bytes
         if config.threads:
             torch.set_num_threads(config.threads)
         if lm is None:
@@ -90,6 +93,7 @@ class Runtime:
             "instruction": self.config.instruction,
             "prefix_hash": self.template.prefix_hash,
             "index_kind": self.config.index_kind,
+            "max_store_bytes": self.config.max_store_bytes,
             "num_layers": self.lm.num_layers,
             "num_kv_heads": self.lm.num_kv_heads,
             "head_dim": self.lm.head_dim,

@@ -3,17 +3,19 @@
 Layout of DIR (see store/README.md for the LMDB value format):
     DIR/kv.lmdb/          LMDB environment: manifest, chunk KVs, chunk metadata, embeddings, ids, sources
     DIR/index.faiss       Faiss index over chunk embeddings (derived: rebuilt from LMDB when stale)
-    DIR/index.faiss.json  the index's kind and dimension
+    DIR/index.faiss.json  the index's kind, dimension, checksum and the store watermark it covers
 """
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from retriever import VectorIndex
-from store import KV_FORMAT_VERSION, KVStore, StoreError
+from store import KV_FORMAT_VERSION, DiskFullError, KVStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +29,25 @@ class StoreMismatchError(StoreError):
 class ChunkStore:
     """One store directory, opened once per process (after any fork)."""
 
-    def __init__(self, path, *, readonly: bool = False):
+    def __init__(self, path, *, readonly: bool = False, max_store_bytes: int | None = None):
+        """Open the store directory.
+
+        Args:
+            path: the directory.
+            readonly: open for reading only (it must exist).
+            max_store_bytes: cap on KV payload bytes for this process; None uses the manifest's
+                `max_store_bytes` (None there too: no cap).
+        """
         self.path = Path(path)
         if readonly and not (self.path / "kv.lmdb").exists():
             raise StoreError(f"no chunkcache store at {self.path}; build one with "
                              f"`chunkcache ingest PATH --store {self.path}`")
         self.kv = KVStore(self.path, readonly=readonly)
+        recorded = (self.kv.manifest or {}).get("max_store_bytes")
+        self.kv.max_kv_bytes = max_store_bytes if max_store_bytes is not None else recorded
         self._index: VectorIndex | None = None
+        self._mark: tuple[int, int] = (0, 0)  # store watermark (next id, retired) the loaded index covers
+        self.index_rebuilt: str | None = None  # why the saved index was not used, if it was rebuilt
 
     @property
     def manifest(self) -> dict | None:
@@ -68,20 +82,29 @@ class ChunkStore:
 
     # -- index ------------------------------------------------------------------------------
     def index(self) -> VectorIndex:
-        """The Faiss index, loaded from disk, or rebuilt from the stored embeddings when missing or stale."""
+        """The Faiss index, loaded from disk, or rebuilt from the stored embeddings when missing, damaged or
+        inconsistent with the store (logged)."""
         if self._index is None:
-            path = self.path / INDEX_FILE
-            expected = self.kv.num_embeddings()
-            if path.exists():
-                index = VectorIndex.load(path)
-                if index.ntotal == expected:
-                    self._index = index
-                    return index
-                log.warning("index %s holds %d vectors but the store has %d: rebuilding it", path,
-                            index.ntotal, expected)
-            # Read the embeddings only when the index has to be rebuilt from them.
-            self._index = self._build_index(*self.kv.embeddings())
+            self._index = self._load_index()
         return self._index
+
+    def refresh(self) -> bool:
+        """Catch the loaded index up with chunks other processes added or retired (one small read when
+        nothing changed). Returns True if the index changed."""
+        if self._index is None:
+            self.index()
+            return True
+        mark = self.kv.watermark()
+        if mark == self._mark:
+            return False
+        if mark[1] != self._mark[1] or mark[0] < self._mark[0]:
+            log.info("store %s retired chunks since the index was loaded: rebuilding the index", self.path)
+            self._index = self._build_index(mark, *self.kv.embeddings(), save=False)
+        else:
+            added = self._extend(self._index, self._mark[0])
+            log.info("store %s: %d chunk(s) added by another process, index extended", self.path, added)
+        self._mark = mark
+        return True
 
     def add_to_index(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         """Add vectors just committed to the store (loading the index first would already include them)."""
@@ -91,21 +114,100 @@ class ChunkStore:
             self._index.add(ids, vecs)
 
     def save_index(self) -> None:
-        if self._index is not None:
-            self._index.save(self.path / INDEX_FILE)
+        """Write the index beside the store (atomically; on failure no temporary file is left).
 
-    def _build_index(self, ids: np.ndarray, vecs: np.ndarray) -> VectorIndex:
+        Raises:
+            DiskFullError / StoreError: the write failed; the index in memory is intact.
+        """
+        if self._index is None:
+            return
+        self.refresh()  # so the saved watermark says exactly what the file holds
+        self._index.extra["watermark"] = list(self._mark)
+        try:
+            self._index.save(self.path / INDEX_FILE)
+        except (OSError, RuntimeError) as e:
+            if _disk_full(e, self.path):
+                raise DiskFullError(f"disk full: cannot write the index {self.path / INDEX_FILE} ({e}). It is "
+                                    "rebuilt from the store on the next open; free disk space") from e
+            raise StoreError(f"cannot write the index {self.path / INDEX_FILE}: {e}") from e
+
+    def reload_index(self) -> str | None:
+        """Load the saved index again, as a new process would; returns why it had to be rebuilt, or None."""
+        self._index, self.index_rebuilt = None, None
+        self.index()
+        return self.index_rebuilt
+
+    def rebuild_index(self) -> VectorIndex:
+        """Rebuild the index from the stored embeddings and save it (e.g. after a repair)."""
+        self._index = self._build_index(self.kv.watermark(), *self.kv.embeddings())
+        return self._index
+
+    def _load_index(self) -> VectorIndex:
+        path = self.path / INDEX_FILE
+        mark = self.kv.watermark()
+        if not path.exists():
+            self.index_rebuilt = "no saved index"
+            return self._build_index(mark, *self.kv.embeddings())
+        try:
+            index = VectorIndex.load(path)
+        except Exception as e:  # noqa: BLE001 - any damage (Faiss, JSON, checksum) means: rebuild, it is derived
+            self.index_rebuilt = f"damaged: {e}"
+            log.warning("index %s is damaged (%s): rebuilding it from the stored embeddings", path, e)
+            return self._build_index(mark, *self.kv.embeddings())
+        saved = index.extra.get("watermark")
+        if saved is not None and (saved[1] != mark[1] or saved[0] > mark[0]):
+            self.index_rebuilt = f"saved for watermark {saved}, store is at {list(mark)}"
+            log.warning("index %s was saved for another state of the store (watermark %s, store %s): rebuilding "
+                        "it from the stored embeddings", path, saved, list(mark))
+            return self._build_index(mark, *self.kv.embeddings())
+        if saved is not None and saved[0] < mark[0]:
+            self._extend(index, saved[0])
+        ids = index.ids()
+        expected, next_id = self.kv.num_embeddings(), self.kv.watermark()[0]
+        if index.ntotal != expected or (len(ids) and int(ids.max()) >= next_id):
+            self.index_rebuilt = f"{index.ntotal} vectors for {expected} stored embeddings"
+            log.warning("index %s holds %d vectors but the store has %d embeddings (next id %d): rebuilding it",
+                        path, index.ntotal, expected, next_id)
+            return self._build_index(mark, *self.kv.embeddings())
+        self._mark = mark
+        return index
+
+    def _extend(self, index: VectorIndex, since_id: int) -> int:
+        """Add the stored embeddings with id >= since_id that the index lacks; returns how many."""
+        ids, vecs = self.kv.embeddings(since_id)
+        new = ~np.isin(ids, index.ids())
+        if new.any():
+            index.add(ids[new], vecs[new])
+        return int(new.sum())
+
+    def _build_index(self, mark: tuple[int, int], ids: np.ndarray, vecs: np.ndarray, *,
+                     save: bool = True) -> VectorIndex:
         manifest = self.manifest or {}
         dim = vecs.shape[1] if len(vecs) else int(manifest.get("embedding_dim", 0))
         if not dim:
             raise StoreError(f"store {self.path} has no embeddings and no recorded embedding size")
         kind = manifest.get("index_kind", "flat")
-        index = VectorIndex.build(ids, vecs, kind=kind) if len(ids) else VectorIndex(dim, kind)
-        index.save(self.path / INDEX_FILE)
-        return index
+        self._index = VectorIndex.build(ids, vecs, kind=kind) if len(ids) else VectorIndex(dim, kind)
+        self._mark = mark
+        if save and not self.kv.readonly:
+            try:
+                self.save_index()
+            except StoreError as e:  # the index is derived: a query needs it in memory, not on disk
+                log.warning("%s; using the rebuilt index from memory", e)
+        return self._index
 
     def close(self) -> None:
         self.kv.close()
+
+
+def _disk_full(exc: BaseException, path: Path) -> bool:
+    """ENOSPC, or a failed write (Faiss hides errno) with under 16 MiB free."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(path).free < 16 << 20
+    except OSError:
+        return False
 
 
 def _describe(manifest: dict, name: str) -> str:

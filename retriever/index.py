@@ -6,6 +6,7 @@ import json
 import math
 import os
 import warnings
+import zlib
 
 import faiss
 import numpy as np
@@ -61,6 +62,7 @@ class VectorIndex:
         self.nprobe = nprobe
         self._trained = kind != "ivf"
         self._warned = False
+        self.extra: dict = {}  # caller's bookkeeping saved in the sidecar (e.g. the store's id watermark)
         if kind == "hnsw":
             hnsw = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             hnsw.hnsw.efSearch = HNSW_EF_SEARCH
@@ -72,6 +74,10 @@ class VectorIndex:
     def ntotal(self) -> int:
         """Number of vectors in the index."""
         return self._index.ntotal
+
+    def ids(self) -> np.ndarray:
+        """int64 [ntotal]: the ids held, in insertion order."""
+        return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
 
     @property
     def exact_fallback(self) -> bool:
@@ -120,7 +126,8 @@ class VectorIndex:
         return scores, ids
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the index to `path` and its settings to `path + ".json"`, each atomically (tmp + rename).
+        """Write the index to `path` and its settings (with `extra`) to `path + ".json"`, each atomically
+        (tmp + rename). On failure (e.g. a full disk) the temporary files are removed and the error raised.
 
         Args:
             path: index file path.
@@ -129,12 +136,23 @@ class VectorIndex:
         sidecar = {
             "format": SIDECAR_FORMAT, "kind": self.kind, "dim": self.dim, "nlist": self.nlist,
             "hnsw_m": self.hnsw_m, "nprobe": self.nprobe, "trained": self._trained, "ntotal": self.ntotal,
+            "extra": self.extra,
         }
-        faiss.write_index(self._index, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        with open(path + ".json.tmp", "w") as f:
-            json.dump(sidecar, f)
-        os.replace(path + ".json.tmp", path + ".json")
+        try:
+            data = faiss.serialize_index(self._index).tobytes()
+            # A checksum lets `load` refuse a damaged file before Faiss parses it (Faiss trusts its sizes).
+            sidecar["crc32"] = zlib.crc32(data)
+            with open(path + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(path + ".tmp", path)
+            with open(path + ".json.tmp", "w") as f:
+                json.dump(sidecar, f)
+            os.replace(path + ".json.tmp", path + ".json")
+        except BaseException:
+            for tmp in (path + ".tmp", path + ".json.tmp"):
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VectorIndex":
@@ -158,8 +176,14 @@ class VectorIndex:
             raise ValueError(f"index at {path} has sidecar format {sidecar.get('format')}; rebuild it from the store")
         index = cls(sidecar["dim"], sidecar["kind"], nlist=sidecar["nlist"], hnsw_m=sidecar["hnsw_m"],
                     nprobe=sidecar["nprobe"])
-        index._index = faiss.read_index(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        if "crc32" in sidecar and zlib.crc32(data) != sidecar["crc32"]:
+            raise ValueError(f"index at {path} fails its checksum (damaged or not the file its sidecar describes); "
+                             "rebuild it from the store")
+        index._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         index._trained = sidecar["trained"]
+        index.extra = dict(sidecar.get("extra") or {})
         if index._index.d != index.dim or index._index.ntotal != sidecar["ntotal"]:
             raise ValueError(
                 f"index at {path} does not match its sidecar (dim {index._index.d} vs {index.dim}, ntotal "

@@ -35,7 +35,7 @@ KV_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 _FIXED = struct.Struct("<4sHBBII")  # magic, version, dtype code, ndim, header length, crc32
 _HEADER_ALIGN = 16  # keeps the payload aligned for every supported dtype whenever the buffer start is
 _MAX_NDIM = 255
-_REBUILD = "rebuild the store with `chunkcache ingest` (or delete the store directory)"
+_REBUILD = "queries recompute it on their own; `chunkcache verify --repair` rewrites every damaged entry"
 
 # The payload is written in host byte order; all supported hosts (x86-64, aarch64) are little-endian.
 assert sys.byteorder == "little", "chunkcache's KV format assumes a little-endian host"
@@ -131,6 +131,23 @@ def decode_kv(buf, *, verify: bool = True) -> torch.Tensor:
         # Small LMDB values are only 2-byte aligned; misaligned fp32 would be undefined for vectorized kernels.
         tensor = tensor.clone()
     return tensor
+
+
+def entry_sizes(buf) -> tuple[int, int] | None:
+    """(payload bytes, tokens) from an entry's header alone, without reading or checking the payload.
+
+    Returns None when the header is unreadable (bad magic, version or length), e.g. for a damaged entry.
+    """
+    view = memoryview(buf).cast("B")
+    if len(view) < _FIXED.size:
+        return None
+    magic, version, code, ndim, header_len, _crc = _FIXED.unpack_from(view)
+    if magic != MAGIC or version != KV_FORMAT_VERSION or code not in CODE_TO_DTYPE or ndim < 4:
+        return None
+    if header_len != header_length(ndim) or len(view) < header_len:
+        return None
+    shape = struct.unpack_from(f"<{ndim}Q", view, _FIXED.size)
+    return len(view) - header_len, shape[3]
 
 
 def _prod(shape) -> int:

@@ -111,9 +111,42 @@ def test_parse_mode():
                              "check_layer": 3}
     assert [s.name for s in parse_modes(["reuse", "full", "blend-0.1", "blend-0.10"])] == ["full", "reuse",
                                                                                             "blend-0.10"]
-    for bad in ("blend", "blend-1.5", "blend-0.1-sideways", "prefix"):
+    for bad in ("blend", "blend-1.5", "blend-0.1-sideways", "prefix", "reuse-c3", "blend-0.1-c3-key",
+                "blend-0.1-s9", "full-s0.5"):
         with pytest.raises(ValueError):
             parse_mode(bad)
+
+
+def test_parse_mode_scale_and_oracles():
+    spec = parse_mode("blend-0.15-impact-s0.50-qonly")
+    assert spec.name == "blend-0.15-impact-s0.5-qonly"
+    assert spec.kwargs() == {"mode": "blend", "recompute_ratio": 0.15, "deviation": "value", "selection": "impact",
+                             "chunk_scale": 0.5, "scale_queries": "question"}
+    assert parse_mode("reuse-soff").kwargs() == {"mode": "reuse", "chunk_scale": "off"}
+    assert parse_mode("reuse-scal").kwargs() == {"mode": "reuse", "chunk_scale": "calibrated"}
+    oracle = parse_mode("blend-0.15-oracleout")
+    assert oracle.oracle == "oracleout" and oracle.name == "blend-0.15-oracleout"
+    assert "oracle" not in oracle.kwargs().values()
+
+
+def test_oracle_scores_rank_by_full_prefill_statistics():
+    from bench.oracles import oracle_scores
+
+    # 3 layers, 1 kv head, 2 query heads, 4 context tokens, 2 suffix tokens; check layer 0.
+    dk2 = torch.zeros(3, 1, 4)
+    dv2 = torch.zeros(3, 1, 4)
+    dv2[1:, 0, 2] = 4.0  # token 2 is stale after the check layer
+    dk2[0, 0, 1] = 100.0  # token 1 deviates only at the check layer itself: no oracle counts it
+    mass = torch.zeros(3, 2, 4)
+    mass[1:, :, 3] = 1.0  # the question attends to token 3, which is not stale
+    mass[1:, :, 2] = 0.5
+    ref = {"dk2": dk2, "dv2": dv2, "mass": mass, "suffix_len": 2}
+    dev = oracle_scores(ref, "oracle", check_layer=0)
+    out = oracle_scores(ref, "oracleout", check_layer=0)
+    assert dev.tolist() == [0.0, 0.0, 8.0, 0.0, 0.0, 0.0]
+    assert out.tolist() == [0.0, 0.0, 4.0, 0.0, 0.0, 0.0]  # 2 layers x 2 heads x 0.5 x sqrt(4)
+    with pytest.raises(ValueError):
+        oracle_scores(ref, "psychic", 0)
 
 
 def test_answer_f1():

@@ -41,6 +41,7 @@ def test_blend_ratio_one_equals_full(tiny_pipe, docs):
 
 def test_single_chunk_after_prefix_reuse_equals_full(tiny_pipe, docs):
     full, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs[:1], mode="full")
+    tiny_pipe.query(QUESTION, documents=docs[:1], mode="reuse", max_new_tokens=1)  # stored: read back below
     reuse, stats = tiny_pipe.score(QUESTION, FORCED, documents=docs[:1], mode="reuse")
     assert stats.recompute_fraction == 0.0 and stats.cached_tokens > 0
     torch.testing.assert_close(reuse, full, rtol=1e-4, atol=1e-4)
@@ -107,6 +108,7 @@ def test_selected_queries_never_see_later_keys(tiny_pipe, docs):
 
 
 def test_suffix_always_recomputed(tiny_pipe, docs):
+    tiny_pipe.query(QUESTION, documents=docs, mode="reuse", max_new_tokens=1)  # stored: cached_tokens counts hits
     answer = tiny_pipe.query(QUESTION, documents=docs, mode="blend", recompute_ratio=0.0, max_new_tokens=1)
     suffix_len = answer.stats.prompt_tokens - answer.stats.cached_tokens
     assert answer.stats.recompute_fraction == 0.0
@@ -141,3 +143,76 @@ def test_epic_recomputes_heads_of_later_chunks():
     layout = PromptLayout(prefix_len=5, chunk_lens=(10, 4, 10), suffix_len=3)
     positions = initial_positions("epic", layout, epic_tokens=6).tolist()
     assert positions == [15, 16, 17, 18] + [19, 20, 21, 22, 23, 24] + [29, 30, 31]
+
+
+# -- the attention scale on reused chunks (blend.chunk_key_bias) ------------------------------------
+
+@pytest.mark.parametrize("mode,ratio", [("reuse", None), ("blend", 0.3)])
+def test_chunk_scale_one_is_plain(tiny_pipe, docs, mode, ratio):
+    kwargs = {"recompute_ratio": ratio} if ratio is not None else {}
+    plain, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode=mode, chunk_scale="off", **kwargs)
+    one, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode=mode, chunk_scale=1.0, **kwargs)
+    # S = 1 builds no bias at all; a zero bias through the masked paths must give the same numbers.
+    zero, _ = _score_with_log_scale(tiny_pipe, docs, mode, ratio, torch.zeros(tiny_pipe.rt.lm.num_layers, 1))
+    torch.testing.assert_close(one, plain, rtol=0, atol=0)
+    torch.testing.assert_close(zero, plain, rtol=1e-5, atol=1e-5)
+    scaled, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode=mode, chunk_scale=0.5, **kwargs)
+    assert (scaled - plain).abs().max() > 1e-3
+
+
+def test_chunk_scale_keeps_blend_ratio_one_equal_to_full(tiny_pipe, docs):
+    """Recomputed rows are fresh, so the scale leaves them alone: ratio 1.0 is still full."""
+    full, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="full")
+    blend, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="blend", recompute_ratio=1.0, chunk_scale=0.3)
+    torch.testing.assert_close(blend, full, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_scale_leaves_a_single_exact_chunk_alone(tiny_pipe, docs):
+    """The first chunk is exact where it sits: reuse of it alone still equals full, whatever S."""
+    full, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs[:1], mode="full")
+    reuse, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs[:1], mode="reuse", chunk_scale=0.3)
+    torch.testing.assert_close(reuse, full, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_scale_question_only_keeps_chunk_rows(tiny_pipe, docs):
+    """scale_queries="question": recomputed chunk tokens attend plainly, so their KV equals plain blend's."""
+    def rows(**kw):
+        req = tiny_pipe._request(QUESTION, None, docs, "blend", 0.3, 4, 0.0, 1.0, 0, None, None, **kw)
+        prep = tiny_pipe._prepare(req)
+        return prep.cache.k[:, :, :prep.layout.suffix_start].clone(), prep.logits
+    plain_k, plain_logits = rows(chunk_scale="off")
+    question_k, question_logits = rows(chunk_scale=0.4, scale_queries="question")
+    all_k, _ = rows(chunk_scale=0.4, scale_queries="all")
+    torch.testing.assert_close(question_k, plain_k, rtol=0, atol=1e-5)
+    assert (all_k - plain_k).abs().max() > 1e-3
+    assert (question_logits - plain_logits).abs().max() > 1e-3
+
+
+def test_chunk_key_bias_marks_only_later_chunks():
+    from chunkcache.blend import chunk_key_bias
+
+    layout = PromptLayout(3, (4, 5, 2), 3)
+    bias = chunk_key_bias(layout, torch.tensor([[-1.0], [-2.0]]), capacity=20)
+    assert bias.shape == (2, 1, 20)
+    expected = torch.zeros(20)
+    expected[7:14] = 1.0
+    torch.testing.assert_close(bias[:, 0], torch.outer(torch.tensor([-1.0, -2.0]), expected))
+
+
+def test_bad_chunk_scale_is_refused(tiny_pipe, docs):
+    from chunkcache.pipeline import QueryError
+
+    for bad in (0.0, -1.0, 10.0, "sometimes"):
+        with pytest.raises(QueryError, match="chunk_scale"):
+            tiny_pipe.query(QUESTION, documents=docs, chunk_scale=bad, max_new_tokens=1)
+
+
+def _score_with_log_scale(pipe, docs, mode, ratio, log_scale):
+    """Teacher-forced scores through a given log(S) table (what a calibration file provides)."""
+    original = pipe._chunk_log_scale
+    pipe._chunk_log_scale = lambda _scale: log_scale
+    try:
+        kwargs = {"recompute_ratio": ratio} if ratio is not None else {}
+        return pipe.score(QUESTION, FORCED, documents=docs, mode=mode, chunk_scale=0.5, **kwargs)
+    finally:
+        pipe._chunk_log_scale = original

@@ -36,7 +36,7 @@ def test_ingest_then_query_json_with_default_models(tmp_path):
     store = tmp_path / "store"
     done = run_cli("ingest", str(corpus), "--store", str(store), "--no-progress")
     assert done.returncode == 0, done.stderr
-    assert "1 skipped" in done.stdout and "1 computed" in done.stdout
+    assert "0 skipped, 1 ignored" in done.stdout and "1 computed" in done.stdout
     again = run_cli("ingest", str(corpus), "--store", str(store), "--no-progress")
     assert "0 computed" in again.stdout and "1 unchanged" in again.stdout
     asked = run_cli("query", "Which sea does the Danube reach?", "--store", str(store), "--top-k", "1",
@@ -47,3 +47,16 @@ def test_ingest_then_query_json_with_default_models(tmp_path):
     assert "Danube" in answer["sources"][0]["text"]
     bad = run_cli("query", "x", "--store", str(store), "--top-k", "5")
     assert bad.returncode == 2 and "holds only 1 chunks" in bad.stderr
+
+
+def test_serve_flags_translate_into_settings():
+    from chunkcache.cli import overrides_from
+    from chunkcache.server import ServerSettings
+
+    args = build_parser().parse_args(["serve", "--document-quota", "2M", "--no-persist-documents",
+                                      "--admin-key", "adm", "--api-key", "k:team"])
+    assert overrides_from(args, ("document_quota_bytes", "persist_documents")) == {
+        "document_quota_bytes": 2 * 1024 * 1024, "persist_documents": False}
+    settings = ServerSettings.from_args(args, {})
+    assert settings.admin_key == "adm" and settings.api_keys == {"k": "team"} and settings.metrics_need_admin
+    assert overrides_from(build_parser().parse_args(["serve"]), ("document_quota_bytes", "persist_documents")) == {}

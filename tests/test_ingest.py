@@ -57,7 +57,8 @@ def test_ingest_counts_skips_and_reingest_computes_nothing(tmp_path, corpus, tin
     pipe = open_pipe(tmp_path / "store", tiny_lm, hash_embedder)
     first = pipe.ingest([corpus], progress=False)
     assert first.files == 3 and first.documents == 4
-    assert set(first.skipped) == {str(corpus / "image.png"), str((corpus / "binary.txt").resolve())}
+    assert set(first.skipped) == {str((corpus / "binary.txt").resolve())}
+    assert set(first.ignored) == {str(corpus / "image.png")}
     assert first.chunks_computed == first.chunks > 6 and first.tokens_computed > 0
     assert pipe.rt.store.index().ntotal == first.chunks
 

@@ -127,3 +127,39 @@ def test_cuda_kernel_matches_reference(heads, dtype):
     q, k, v, pos = q.cuda(), k.cuda(), v.cuda(), pos.cuda()
     got = bk.position_causal_attention(q, k, v, pos)  # auto backend -> Triton
     assert_close(got, position_causal_attention_reference(q, k, v, pos), dtype, scale=2)
+
+
+@pytest.mark.parametrize("bias_rows", ["shared", "per-head"])
+@pytest.mark.parametrize("bias_from", [0, 25])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_bias_matches_reference(backend, dtype, bias_from, bias_rows):
+    """The per-key log scale (APE-style chunk scale) on the queries at positions >= bias_from."""
+    q, k, v, pos = make_inputs(6, 2, 53, 77, 16, dtype, seed=5)
+    rows = 1 if bias_rows == "shared" else 6
+    # Wider than the keys, as the request cache's capacity is: only the first Nk columns count.
+    bias = torch.randn(rows, 90, generator=torch.Generator().manual_seed(6))
+    with bk.use_backend(backend):
+        got = bk.position_causal_attention(q, k, v, pos, key_bias=bias, bias_from=bias_from)
+    expected = position_causal_attention_reference(q, k, v, pos, key_bias=bias[:, :77], bias_from=bias_from)
+    assert_close(got, expected, dtype)
+    # The bias does change what the affected queries see, and nothing else.
+    plain = position_causal_attention_reference(q, k, v, pos)
+    affected = pos >= bias_from
+    assert (expected[:, affected] - plain[:, affected]).abs().max() > 1e-2
+    torch.testing.assert_close(expected[:, ~affected], plain[:, ~affected])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_key_bias_is_plain_attention(backend):
+    q, k, v, pos = make_inputs(6, 2, 40, 64, 16, torch.float32, seed=7)
+    with bk.use_backend(backend):
+        got = bk.position_causal_attention(q, k, v, pos, key_bias=torch.zeros(1, 64))
+    assert_close(got, position_causal_attention_reference(q, k, v, pos), torch.float32)
+
+
+def test_key_bias_shape_is_checked():
+    q, k, v, pos = make_inputs(6, 2, 4, 10, 16, torch.float32)
+    for bad in (torch.zeros(3, 10), torch.zeros(1, 9), torch.zeros(1, 10, dtype=torch.float16), torch.zeros(10)):
+        with pytest.raises(ValueError, match="key_bias"):
+            bk.position_causal_attention(q, k, v, pos, key_bias=bad)

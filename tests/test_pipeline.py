@@ -90,12 +90,18 @@ def test_context_overflow_drops_lowest_ranked_chunks(tiny_pipe):
     (dict(documents=[]), "documents"),
     (dict(documents=["ok", ""]), "empty"),
     (dict(deviation="both"), "deviation"),
+    (dict(check_layer=4), r"check_layer=4 but the model has 4 layers; use 0 to 3"),  # the tiny model: 4 layers
+    (dict(check_layer=1024), "check_layer=1024"),
     (dict(question="x" * 5000), "limit"),
 ])
 def test_bad_requests_are_refused_clearly(tiny_pipe, kwargs, match):
     question = kwargs.pop("question", Q)
     with pytest.raises(QueryError, match=match):
         tiny_pipe.query(question, **kwargs)
+
+
+def test_check_layer_may_be_the_last_layer(tiny_pipe):
+    assert tiny_pipe.query(Q, documents=DOCS, check_layer=3, max_new_tokens=1).config["check_layer"] == 3
 
 
 def test_top_k_larger_than_store_and_empty_store(tiny_pipe, ingested):
@@ -159,3 +165,16 @@ def test_end_to_end_with_default_models(tmp_path):
     reopened = RAGPipeline.open(tmp_path / "store")
     assert reopened.rt.lm.fingerprint == pipe.rt.lm.fingerprint
     reopened.close()
+
+
+def test_a_cancelled_request_stops_between_decode_steps(tiny_pipe):
+    from chunkcache.pipeline import RequestCancelled
+
+    with pytest.raises(RequestCancelled):
+        tiny_pipe.query(Q, documents=DOCS, max_new_tokens=20, cancelled=lambda: True)
+    polls = iter([False] * 4 + [True] * 100)  # once before the model starts, then once per decode step
+    answer = tiny_pipe.query(Q, documents=DOCS, max_new_tokens=20, temperature=1.0, seed=0,
+                             cancelled=lambda: next(polls))
+    assert answer.finish_reason == "cancelled" and answer.stats.completion_tokens == 3
+    assert tiny_pipe.rt.lock.acquire(blocking=False)  # the model is free again
+    tiny_pipe.rt.lock.release()

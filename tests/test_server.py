@@ -242,6 +242,7 @@ def test_query_malformed_json_422(client):
     ({"question": "   "}, "the question is empty"),
     ({"question": "rivers", "top_k": 10}, "top_k=10 but the store holds only 3 chunks"),
     ({"question": "q", "documents": ["   "]}, "documents [0] are empty"),
+    ({"question": "q", "check_layer": 1024}, "check_layer=1024 but the model has 4 layers"),
 ])
 def test_query_error_422_with_the_pipeline_message(client, payload, message):
     r = client.post("/query", json=payload)
@@ -349,14 +350,20 @@ def test_settings_from_args_and_env():
     settings = ServerSettings.from_args(Args(), {"CHUNKCACHE_API_KEYS": "k1,k2:team-b"})
     assert settings.api_keys == {"k1": None, "k2": "team-b", "k3": "team-c"} and settings.auth_enabled
     assert not ServerSettings.from_args(object(), {}).auth_enabled
+    assert ServerSettings.from_args(Args(), {"CHUNKCACHE_ADMIN_KEY": "adm"}).admin_key == "adm"
+    Args.admin_key = "flag-adm"
+    assert ServerSettings.from_args(Args(), {"CHUNKCACHE_ADMIN_KEY": "adm"}).admin_key == "flag-adm"
+    with pytest.raises(ValueError, match="admin key is also an API key"):
+        ServerSettings(api_keys={"same": None}, admin_key="same")
 
 
 KEYS = {"key-alpha": "alpha", "key-beta": "beta", "key-plain": None}
+ADMIN = "key-admin"
 
 
 @pytest.fixture(scope="module")
 def auth_client(store_pipe):
-    with TestClient(create_app(store_pipe, ServerSettings(api_keys=KEYS))) as c:
+    with TestClient(create_app(store_pipe, ServerSettings(api_keys=KEYS, admin_key=ADMIN))) as c:
         yield c
 
 
@@ -367,7 +374,7 @@ def bearer(key: str) -> dict:
 @pytest.mark.parametrize("headers", [{}, bearer("wrong"), {"Authorization": "Basic key-alpha"},
                                      {"Authorization": "Bearer "}, bearer("key-alph"), bearer("key-alpha2")])
 @pytest.mark.parametrize("method, path", [("POST", "/query"), ("POST", "/v1/chat/completions"),
-                                          ("GET", "/v1/models"), ("GET", "/metrics")])
+                                          ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/openapi.json")])
 def test_401_without_a_valid_key(auth_client, headers, method, path):
     r = auth_client.request(method, path, headers=headers, json={"question": "q"})
     assert r.status_code == 401, r.text
@@ -377,7 +384,32 @@ def test_401_without_a_valid_key(auth_client, headers, method, path):
 def test_valid_key_is_served(auth_client):
     assert auth_client.get("/healthz").status_code == 200  # no key needed
     assert auth_client.get("/v1/models", headers=bearer("key-plain")).status_code == 200
-    assert auth_client.get("/metrics", headers=bearer("key-beta")).status_code == 200
+    assert auth_client.get("/openapi.json", headers=bearer("key-beta")).json()["paths"]["/query"]
+
+
+@pytest.mark.parametrize("key", ["key-beta", "key-plain"])
+def test_metrics_need_the_admin_key(auth_client, key):
+    # Global figures show every tenant's traffic: an API key is not enough.
+    r = auth_client.get("/metrics", headers=bearer(key))
+    assert r.status_code == 403 and "admin key" in r.json()["error"]["message"]
+    assert auth_client.get("/metrics", headers=bearer(ADMIN)).status_code == 200
+    # The admin key is not an API key.
+    assert auth_client.post("/query", headers=bearer(ADMIN), json={"question": "q"}).status_code == 401
+
+
+def test_metrics_without_an_admin_key_configured_say_how_to_set_one(store_pipe):
+    with TestClient(create_app(store_pipe, ServerSettings(api_keys=KEYS))) as c:
+        r = c.get("/metrics", headers=bearer("key-plain"))
+        assert r.status_code == 403 and "--admin-key" in r.json()["error"]["message"]
+    with TestClient(create_app(store_pipe, ServerSettings(api_keys=KEYS, public_metrics=True))) as c:
+        assert c.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/docs/oauth2-redirect"])
+def test_interactive_docs_are_off_with_keys(auth_client, client, path):
+    # A browser page cannot send the bearer key, so with keys the pages are gone (the schema needs a key).
+    assert auth_client.get(path, headers=bearer("key-plain")).status_code == 404
+    assert client.get(path).status_code == 200
 
 
 def ask(c, key: str, **payload) -> dict:
@@ -399,11 +431,13 @@ def test_tenants_do_not_hit_each_others_chunks(auth_client):
     assert other["token_ids"] == first["token_ids"]
 
 
-def test_store_chunks_are_hits_only_for_the_default_tenant(auth_client):
-    # The ingested chunks live in the store's namespace: a key without a tenant uses it.
-    assert ask(auth_client, "key-plain", top_k=3)["stats"]["chunk_hits"] == 3
-    tenant = ask(auth_client, "key-alpha", top_k=3)
-    assert tenant["stats"]["chunk_misses"] == 3
+def test_store_chunks_are_hits_for_every_tenant(auth_client, store_pipe):
+    # Ingested chunks existed before any request: every tenant reads the store's own copy, none is added.
+    entries = len(store_pipe.rt.store.kv)
+    for key in ("key-alpha", "key-beta", "key-plain"):
+        answer = ask(auth_client, key, top_k=3)
+        assert answer["stats"]["chunk_hits"] == 3 and all(s["hit"] for s in answer["sources"])
+    assert len(store_pipe.rt.store.kv) == entries
 
 
 def test_shared_cache_lets_tenants_hit_each_other(store_pipe):

@@ -27,7 +27,8 @@ def fuzz_schema(tmp_path_factory, tiny_lm, hash_embedder):
     # top_k 2 by default: the store holds 3 chunks (a larger default top_k is refused by the pipeline).
     pipe = open_store_pipeline(tmp_path_factory.mktemp("fuzz"), tiny_lm, hash_embedder, top_k=2)
     app = create_app(pipe, ServerSettings(limits=FUZZ_LIMITS, api_keys={KEY: "fuzzer"}))
-    yield schemathesis.openapi.from_asgi("/openapi.json", app)
+    # With keys configured the schema, like the API, needs one.
+    yield schemathesis.openapi.from_asgi("/openapi.json", app, headers={"Authorization": f"Bearer {KEY}"})
     pipe.close()
 
 

@@ -175,3 +175,20 @@ def test_a_client_leaving_mid_stream_frees_the_model(base_url, pipe):
     r = httpx.post(f"{base_url}/query", json={"question": "Everest?", "documents": DOCS[:1], "max_new_tokens": 2},
                    headers={"Authorization": "Bearer key-plain"}, timeout=60)
     assert r.status_code == 200
+
+
+def test_a_client_leaving_a_plain_request_cancels_it(base_url, pipe, monkeypatch):
+    answers = []
+    query = pipe.query
+    monkeypatch.setattr(pipe, "query", lambda *a, **k: answers.append(query(*a, **k)) or answers[-1])
+    payload = {"question": "Tell me everything about rivers.", "documents": DOCS, "max_new_tokens": 1500}
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{base_url}/query", json=payload, headers={"Authorization": "Bearer key-plain"}, timeout=1.0)
+    # Decoding 1500 tokens takes ~20 s on the tiny model; the server stops within a poll and a token instead.
+    deadline = time.monotonic() + 5
+    while not answers:
+        assert time.monotonic() < deadline, "the model is still busy with an answer nobody waits for"
+        time.sleep(0.05)
+    assert answers[0].finish_reason == "cancelled" and answers[0].stats.completion_tokens < 1500
+    assert time.monotonic() - started < 6

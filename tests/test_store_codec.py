@@ -100,7 +100,7 @@ def test_trailing_bytes_rejected():
 
 def test_bad_magic():
     buf = b"XXXX" + encode_kv(torch.ones(2, 1, 1, 1, 1))[4:]
-    with pytest.raises(CorruptEntryError, match="bad magic.*chunkcache ingest"):
+    with pytest.raises(CorruptEntryError, match="bad magic.*chunkcache verify --repair"):
         decode_kv(buf)
 
 

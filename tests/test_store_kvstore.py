@@ -236,7 +236,7 @@ def test_corrupt_entry_names_key_and_fix(tmp_path):
         txn.put(make_key(0), bytes(value), db=db)
     env.close()
     with KVStore(tmp_path / "s") as store, store.reader() as r:
-        with pytest.raises(CorruptEntryError, match=f"chunk {make_key(0).hex()[:16]}.*checksum.*chunkcache ingest"):
+        with pytest.raises(CorruptEntryError, match=f"chunk {make_key(0).hex()[:16]}.*checksum.*chunkcache verify --repair"):
             r.kv(make_key(0))
         assert torch.equal(bits(r.kv(make_key(0), verify=False)[..., :-1]), bits(kv[..., :-1]))
 

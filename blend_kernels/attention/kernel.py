@@ -19,14 +19,15 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _position_causal_attention_kernel(
-    Q, K, V, O, ORDER, POS,
-    num_queries, num_keys, head_dim, group, qk_scale,
+    Q, K, V, O, ORDER, POS, BIAS,
+    num_queries, num_keys, head_dim, group, qk_scale, bias_from,
     sqh, sqn, sqd,
     skh, skn, skd,
     svh, svn, svd,
     soh, son, sod,
+    sbh, sbn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     # Blocks with the latest positions have the most keys: start them first to balance the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -52,6 +53,9 @@ def _position_causal_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + kv_head * skh
     v_base = V + kv_head * svh
+    if HAS_BIAS:
+        b_base = BIAS + head * sbh
+        takes_bias = pos[:, None] >= bias_from
     # Key 0 is visible to every row, so after the first block m_i is finite and alpha never NaN.
     hi = tl.max(pos, axis=0) + 1
     for start_n in range(0, hi, BLOCK_N):
@@ -65,6 +69,10 @@ def _position_causal_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            # The per-key log scale, in the kernel's base-2 logits.
+            b = tl.load(b_base + offs_n.to(tl.int64) * sbn, mask=n_ok, other=0.0)
+            s = s + tl.where(takes_bias, b[None, :] * 1.4426950408889634, 0.0)  # LOG2E
         s = tl.where(offs_n[None, :] <= pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -94,10 +102,12 @@ def _block_sizes(block_d: int, element_size: int) -> tuple[int, int, int, int]:
 
 def position_causal_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,
-    *, block_m: int | None = None, block_n: int | None = None,
+    *, key_bias: torch.Tensor | None = None, bias_from: int = 0,
+    block_m: int | None = None, block_n: int | None = None,
 ) -> torch.Tensor:
     """q: [q_heads, nq, head_dim]; k, v: [kv_heads, Nk, head_dim] (any strides); q_pos: int [nq],
-    each in [0, Nk) (checked by the caller) -> [q_heads, nq, head_dim] in q.dtype."""
+    each in [0, Nk) (checked by the caller); key_bias: fp32 [1 or q_heads, Nk], added to the logits
+    of queries at positions >= bias_from -> [q_heads, nq, head_dim] in q.dtype."""
     require_launchable(_position_causal_attention_kernel, q=q, k=k, v=v, q_pos=q_pos)
     q_heads, num_queries, head_dim = q.shape
     kv_heads, num_keys, _ = k.shape
@@ -116,12 +126,16 @@ def position_causal_attention_triton(
     upcast = q.dtype == torch.bfloat16 and is_interpreted(_position_causal_attention_kernel)
     precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     grid = (triton.cdiv(num_queries, block_m), q_heads)
+    has_bias = key_bias is not None
+    bias = key_bias if has_bias else q  # never read without HAS_BIAS
+    # A one-row bias serves every head: stride 0 over heads.
+    bias_strides = ((0 if key_bias.shape[0] == 1 else key_bias.stride(0)), key_bias.stride(1)) if has_bias else (0, 0)
     _position_causal_attention_kernel[grid](
-        q, k, v, out, order, pos_sorted.to(torch.int32),
-        num_queries, num_keys, head_dim, q_heads // kv_heads, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, order, pos_sorted.to(torch.int32), bias,
+        num_queries, num_keys, head_dim, q_heads // kv_heads, scale * LOG2E, int(bias_from),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=upcast, PRECISION=precision,
+        UPCAST=upcast, PRECISION=precision, HAS_BIAS=has_bias,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -17,11 +17,13 @@ def position_causal_mask(q_pos: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 def position_causal_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float | None = None,
+    key_bias: torch.Tensor | None = None, bias_from: int = 0,
 ) -> torch.Tensor:
     """q: [q_heads, nq, head_dim]; k, v: [kv_heads, Nk, head_dim]; q_pos: int [nq] -> fp32 [q_heads, nq, head_dim].
 
-    GQA: query head h reads kv head h // (q_heads // kv_heads).
+    GQA: query head h reads kv head h // (q_heads // kv_heads). key_bias: fp32 [1 or q_heads, Nk],
+    added to the logits of every query at a position >= bias_from (a per-key log attention scale).
     """
     q_heads, _, head_dim = q.shape
     group = q_heads // k.shape[0]
@@ -29,5 +31,8 @@ def position_causal_attention_reference(
     k = k.to(torch.float32).repeat_interleave(group, dim=0)
     v = v.to(torch.float32).repeat_interleave(group, dim=0)
     scores = (q.to(torch.float32) @ k.transpose(1, 2)) * scale
+    if key_bias is not None:
+        applies = (q_pos >= bias_from).to(torch.float32)  # [nq]
+        scores = scores + key_bias.to(torch.float32)[:, None, :] * applies[None, :, None]
     scores = scores.masked_fill(~position_causal_mask(q_pos, k.shape[1]), float("-inf"))
     return torch.softmax(scores, dim=-1) @ v

@@ -29,9 +29,10 @@ def query_blocks(num_queries: int, max_blocks: int = MAX_BLOCKS) -> list[tuple[i
 
 def position_causal_attention_torch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,
-    *, max_blocks: int = MAX_BLOCKS,
+    *, key_bias: torch.Tensor | None = None, bias_from: int = 0, max_blocks: int = MAX_BLOCKS,
 ) -> torch.Tensor:
-    """q: [q_heads, nq, head_dim]; k, v: [kv_heads, Nk, head_dim]; q_pos: int64 [nq], each in [0, Nk)
+    """q: [q_heads, nq, head_dim]; k, v: [kv_heads, Nk, head_dim]; q_pos: int64 [nq], each in [0, Nk);
+    key_bias: fp32 [1 or q_heads, Nk] added to the logits of queries at positions >= bias_from
     -> [q_heads, nq, head_dim] in q.dtype."""
     q_heads, num_queries, head_dim = q.shape
     kv_heads = k.shape[0]
@@ -52,6 +53,14 @@ def position_causal_attention_torch(
     for (start, end), max_pos in zip(blocks, last_pos):
         num_keys = max_pos + 1
         mask = torch.arange(num_keys, device=q.device)[None, :] <= pos_sorted[start:end, None]
+        if key_bias is not None:
+            # The bias rides in SDPA's float mask, built in one pass: SDPA turns a boolean mask into
+            # a float one of the same size anyway, so a bias shared by all heads costs nothing extra
+            # (a per-head bias makes the mask, and its traffic, q_heads times larger).
+            bias = key_bias[:, None, :num_keys].to(q.dtype)
+            if bias_from > int(pos_sorted[start]):
+                bias = bias * (pos_sorted[start:end] >= bias_from)[None, :, None]
+            mask = torch.where(mask[None], bias, float("-inf"))[None]
         # enable_gqa maps query head h to kv head h // group without copying K/V. The inputs are
         # 4-D on purpose: torch's CPU flash kernel takes only [batch, heads, tokens, dim]; 3-D
         # inputs fall back to the math path (measured ~3x slower at this shape).

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -21,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..answer import Answer
-from ..pipeline import QueryError
+from ..pipeline import QueryError, RequestCancelled
 from .auth import Authenticator, Caller
 from .bridge import Admission, iterate_in_thread
 from .metrics import Metrics, NoMetrics
@@ -34,6 +35,7 @@ log = logging.getLogger("chunkcache.server")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or unknown API key"},
+    403: {"model": ErrorBody, "description": "the key is valid but not for this endpoint (/metrics: the admin key)"},
     413: {"model": ErrorBody, "description": "request body over the size limit"},
     422: {"model": ErrorBody, "description": "invalid request: the message says which field and why"},
     503: {"model": ErrorBody, "description": "the model is still loading, or the server is busy"},
@@ -96,7 +98,12 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
             if service.owns_pipeline and service.pipeline is not None:
                 await run_in_threadpool(_close, service.pipeline)
 
+    # NOTE: with keys, the schema is served only to a key holder, and the interactive pages are off: a
+    # browser loading /docs cannot send the bearer key its page would need to fetch the schema.
+    docs_open = not settings.auth_enabled
     app = FastAPI(title="chunkcache", version="0.1.0", lifespan=lifespan,
+                  openapi_url="/openapi.json" if docs_open else None, docs_url="/docs" if docs_open else None,
+                  redoc_url="/redoc" if docs_open else None,
                   description="Retrieval-augmented answers from precomputed chunk KV caches "
                               "(CacheBlend-style selective recompute), with an OpenAI-compatible chat API.")
     app.state.service = service
@@ -119,11 +126,16 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
     def ready_pipeline() -> Any:
         return service.ready()
 
-    async def run_query(pipe, question: str, kwargs: dict) -> Answer:
+    async def run_query(pipe, question: str, kwargs: dict, request: Request) -> Answer:
         _admit(admission)
+        # A client that leaves cancels its request: the pipeline polls `gone` before it starts and between
+        # decode steps, so the model goes to the next request instead of finishing an unread answer.
+        gone = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, gone))
         try:
-            answer = await run_in_threadpool(_guarded, pipe.query, question, **kwargs)
+            answer = await run_in_threadpool(_guarded, pipe.query, question, cancelled=gone.is_set, **kwargs)
         finally:
+            watcher.cancel()
             admission.leave()
         metrics.observe_answer(answer)
         return answer
@@ -144,11 +156,12 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
         **ERROR_RESPONSES, 200: {"description": "the answer; with stream=true, Server-Sent Events: `token` "
                                  "events ({\"text\"}) then one `answer` event (the same object as without stream)",
                                  "content": {"text/event-stream": {}}}})
-    async def query(body: QueryRequest, who: Caller = Depends(caller), pipe=Depends(ready_pipeline)):
+    async def query(body: QueryRequest, request: Request, who: Caller = Depends(caller),
+                    pipe=Depends(ready_pipeline)):
         """Answer a question over the store (or over `documents`), with sources, TTFT, timings and cache stats."""
         kwargs = {**body.pipeline_kwargs(), "namespace": auth.namespace(who)}
         if not body.stream:
-            return await run_query(pipe, body.question, kwargs)
+            return await run_query(pipe, body.question, kwargs, request)
         events = await open_stream(pipe, body.question, kwargs)
 
         def render(event) -> list[str]:
@@ -163,7 +176,7 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
     @app.post("/v1/chat/completions", responses={
         **ERROR_RESPONSES, 200: {"description": "a `chat.completion`, or with stream=true `chat.completion.chunk` "
                                  "events ending with `data: [DONE]`", "content": {"text/event-stream": {}}}})
-    async def chat_completions(body: ChatCompletionRequest, who: Caller = Depends(caller),
+    async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller),
                                pipe=Depends(ready_pipeline)):
         """OpenAI-compatible chat: the last user message is the question; retrieval runs over the store
         unless `documents` is given. System messages and earlier turns are not part of the prompt (its
@@ -172,7 +185,7 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
         top = (body.top_logprobs or 0) if body.logprobs else None
         completion = Completion(*_model_identity(pipe, settings))
         if not body.stream:
-            answer = await run_query(pipe, body.question(), kwargs)
+            answer = await run_query(pipe, body.question(), kwargs, request)
             return completion.response(answer, top)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = await open_stream(pipe, body.question(), kwargs)
@@ -212,14 +225,31 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
             return {"status": "ok", "model": _model_identity(service.pipeline, settings)[0]}
         return JSONResponse({"status": "failed" if service.failed else "loading"}, status_code=503)
 
-    def metrics_caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if not settings.public_metrics:
-            caller(credentials)
+    def admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not settings.metrics_need_admin:
+            return
+        token = credentials.credentials if credentials else None
+        if auth.is_admin(token):
+            return
+        if settings.admin_key is None:
+            raise ApiError(403, "/metrics shows every tenant's traffic and needs the admin key, which this server "
+                           "does not have: start it with --admin-key (or CHUNKCACHE_ADMIN_KEY)", "admin_key_required")
+        if token and auth.caller(token) is not None:
+            raise ApiError(403, "this API key cannot read /metrics; send the admin key", "admin_key_required")
+        raise ApiError(401, "missing or invalid admin key: send `Authorization: Bearer ADMIN_KEY`", "invalid_api_key",
+                       {"WWW-Authenticate": "Bearer"})
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-    async def get_metrics(_: None = Depends(metrics_caller)):
-        """Prometheus text format (needs a key when keys are configured, unless public_metrics)."""
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}},
+                                                              **ERROR_RESPONSES})
+    async def get_metrics(_: None = Depends(admin)):
+        """Prometheus text format. With keys configured, only the admin key reads it (unless public_metrics)."""
         return Response(metrics.render(), media_type=metrics.content_type)
+
+    if not docs_open:
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi_schema(who: Caller = Depends(caller)):
+            """The schema, for key holders (the API's own auth)."""
+            return JSONResponse(app.openapi())
 
     return app
 
@@ -248,11 +278,19 @@ def _admit(admission: Admission) -> None:
                        "server_busy", {"Retry-After": "1"})
 
 
+async def _watch_disconnect(request: Request, gone: threading.Event, every_s: float = 0.1) -> None:
+    """Set `gone` once the client has disconnected (until cancelled when the request ends)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    log.info("client left %s; cancelling its request", request.url.path)
+    gone.set()
+
+
 def _guarded(fn, *args, **kwargs):
     """Run `fn` (in a worker thread); unexpected errors are logged here and become a generic 500."""
     try:
         return fn(*args, **kwargs)
-    except QueryError:
+    except (QueryError, RequestCancelled):
         raise
     except Exception as exc:
         log.exception("request failed")
@@ -323,6 +361,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueryError)
     async def query_error(request: Request, exc: QueryError):
         return JSONResponse(_error_body(str(exc), "query_error"), 422)
+
+    @app.exception_handler(RequestCancelled)
+    async def cancelled(request: Request, exc: RequestCancelled):
+        # Nobody reads this (the client left); 499, nginx's "client closed request", marks it in the metrics.
+        return JSONResponse(_error_body(str(exc), "client_closed_request"), 499)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):

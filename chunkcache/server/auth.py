@@ -19,6 +19,7 @@ class Authenticator:
 
     def __init__(self, settings: ServerSettings):
         self._keys = [(key.encode(), tenant) for key, tenant in settings.api_keys.items()]
+        self._admin_key = settings.admin_key.encode() if settings.admin_key else None
         self._shared = settings.shared_cache
 
     @property
@@ -39,11 +40,18 @@ class Authenticator:
                 found = Caller(tenant)
         return found
 
+    def is_admin(self, token: str | None) -> bool:
+        """Whether the bearer token is the admin key (False when none is configured)."""
+        if self._admin_key is None or not token:
+            return False
+        return hmac.compare_digest(token.encode(), self._admin_key)
+
     def namespace(self, caller: Caller) -> str | None:
         """The chunk-key namespace for this caller's requests; None means the store's own namespace.
 
-        A tenant's chunk keys are salted with its name, so its cached chunks are never hits for another
-        tenant (and cache timing cannot reveal what others asked about) unless the cache is shared.
+        A tenant's `documents` are keyed with its name, so they are never hits for another tenant (cache
+        timing cannot reveal what others sent) unless the cache is shared. The store's ingested chunks keep
+        the store's namespace for everyone (docs/SECURITY.md).
         """
         if self._shared or caller.tenant is None:
             return None

@@ -37,6 +37,9 @@ class Metrics:
                                          "Prompt tokens computed through the last layer (suffix included)",
                                          registry=r)
         self.prompt_tokens = Counter("chunkcache_prompt_tokens", "Prompt tokens", registry=r)
+        self.damaged_entries = Counter("chunkcache_damaged_entries",
+                                       "Stored KV entries that failed their checksum: recomputed and rewritten",
+                                       registry=r)
         self.completion_tokens = Counter("chunkcache_completion_tokens", "Generated tokens", registry=r)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
@@ -52,6 +55,7 @@ class Metrics:
         self.reused_tokens.inc(s.cached_tokens)
         self.recomputed_tokens.inc(s.recomputed_tokens)
         self.prompt_tokens.inc(s.prompt_tokens)
+        self.damaged_entries.inc(s.damaged_chunks)
         self.completion_tokens.inc(s.completion_tokens)
 
     def render(self) -> bytes:

@@ -21,6 +21,9 @@ def serve(args) -> None:
     if not settings.auth_enabled and not _is_loopback(args.host):
         log.warning("serving on %s without API keys: anyone who can reach it can use it "
                     "(set CHUNKCACHE_API_KEYS=key or key:tenant,...)", args.host)
+    if settings.metrics_need_admin and settings.admin_key is None:
+        log.warning("API keys are set but no admin key: /metrics answers 403 to everyone "
+                    "(set CHUNKCACHE_ADMIN_KEY to read it)")
     app = create_app(lambda: open_pipeline(args), settings)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=30))

@@ -1,6 +1,7 @@
 """The server's one settings object: limits, API keys and tenancy.
 
-`ServerSettings.from_args` translates CLI flags and the environment (CHUNKCACHE_API_KEYS) into it;
+`ServerSettings.from_args` translates CLI flags and the environment (CHUNKCACHE_API_KEYS,
+CHUNKCACHE_ADMIN_KEY) into it;
 nothing else in the server reads flags or environment variables.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 API_KEYS_ENV = "CHUNKCACHE_API_KEYS"
+ADMIN_KEY_ENV = "CHUNKCACHE_ADMIN_KEY"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class ServerSettings:
         model_name: the id reported by /v1/models (default: the pipeline's model spec).
         max_pending: requests admitted to wait for or use the model at once; more get 503.
         public_metrics: serve /metrics without a key even when keys are configured.
+        admin_key: the bearer key for /metrics (global figures across tenants). When any key is configured,
+            /metrics needs this one; an API key is not enough. It is not an API key itself.
     """
 
     api_keys: Mapping[str, str | None] = field(default_factory=dict)
@@ -51,6 +55,7 @@ class ServerSettings:
     model_name: str | None = None
     max_pending: int = 32
     public_metrics: bool = False
+    admin_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_pending < 1:
@@ -58,23 +63,34 @@ class ServerSettings:
         empty = [k for k in self.api_keys if not k]
         if empty:
             raise ValueError("an API key is empty; give non-empty keys (KEY or KEY:TENANT)")
+        if self.admin_key is not None and not self.admin_key.strip():
+            raise ValueError(f"the admin key is empty; set {ADMIN_KEY_ENV} (or --admin-key) to a non-empty value")
+        if self.admin_key is not None and self.admin_key in self.api_keys:
+            raise ValueError("the admin key is also an API key; give the admin key a value of its own")
 
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
 
+    @property
+    def metrics_need_admin(self) -> bool:
+        """/metrics shows every tenant's traffic: with any key configured, only the admin key reads it."""
+        return (bool(self.api_keys) or self.admin_key is not None) and not self.public_metrics
+
     @classmethod
     def from_args(cls, args, environ: Mapping[str, str] = os.environ) -> "ServerSettings":
-        """From `chunkcache serve` flags (api_keys, shared_cache, max_body_bytes, model_name where the
-        CLI has them) and CHUNKCACHE_API_KEYS; keys from both places are merged."""
+        """From `chunkcache serve` flags (api_keys, shared_cache, max_body_bytes, model_name, admin_key where
+        the CLI has them), CHUNKCACHE_API_KEYS and CHUNKCACHE_ADMIN_KEY; API keys from both places are merged,
+        the --admin-key flag wins over the environment."""
         keys = dict(parse_api_keys(environ.get(API_KEYS_ENV, "")))
         for item in getattr(args, "api_keys", None) or ():
             keys.update(parse_api_keys(item))
         limits = Limits()
         if getattr(args, "max_body_bytes", None):
             limits = Limits(**{**vars(limits), "max_body_bytes": args.max_body_bytes})
+        admin_key = getattr(args, "admin_key", None) or environ.get(ADMIN_KEY_ENV) or None
         return cls(api_keys=keys, shared_cache=bool(getattr(args, "shared_cache", False)), limits=limits,
-                   model_name=getattr(args, "model_name", None))
+                   model_name=getattr(args, "model_name", None), admin_key=admin_key)
 
 
 def parse_api_keys(text: str) -> dict[str, str | None]:

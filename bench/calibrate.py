@@ -1,0 +1,243 @@
+"""Fit the attention scale on reused chunks by minimising KL to full prefill on dev questions.
+
+    python -m bench.calibrate                      # fit on dev 0-24, report on 25-49, write the calibration
+    python -m bench.calibrate --granularity layer --no-write
+
+Reused chunks after the first were encoded without the chunks before them, and the question
+attends to them as if each were the start of a document: too much attention mass lands on them
+(APE, "Adaptive Parallel Encoding", reports the same). chunkcache multiplies the attention weight
+of those chunks' rows by S, per layer and query head, and renormalises (a log(S) bias on the
+logits: `blend.chunk_key_bias`). This script fits log(S) label-free: gradient descent on the mean
+teacher-forced KL(full || reuse+S) along full's greedy answer, with the cached chunk KV fixed, so
+only the question and answer tokens run through the model (a differentiable copy of the reuse
+path of `forward.forward_tokens`, checked against it at S = 1 before fitting).
+
+Fitting uses questions `--fit` only; `--eval` questions are reported, never fitted. The result is
+written to chunkcache/calibrations/<model>.json, which the pipeline loads for that model.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.data import DEFAULT_DATA, load_questions
+from bench.reference import CACHE_ROOT, ensure_references, open_bench_pipeline
+
+GRANULARITIES = ("scalar", "layer", "head")
+
+
+@dataclass
+class Sample:
+    """One question ready for the differentiable reuse forward."""
+
+    id: str
+    ctx_k: torch.Tensor  # [layers, kv_heads, n_ctx, D]: prefix + re-rotated chunk rows (fixed)
+    ctx_v: torch.Tensor
+    stale: tuple[int, int]  # [start, end) of the chunks that lost their context (chunks 2..k)
+    token_ids: torch.Tensor  # suffix + forced answer tokens but the last, int64 [n]
+    first_scored: int  # row of token_ids whose logits predict forced[0] (the last suffix token)
+    reference: torch.Tensor  # full's log-probs along the forced answer, fp32 [len(forced), vocab]
+
+
+def load_sample(pipe, q, ref: dict) -> Sample:
+    req = pipe._request(q.question, None, list(q.documents), "reuse", None, 1, 0.0, 1.0, 0, None, None)
+    prep = pipe._prepare(req)
+    layout = prep.layout
+    n_ctx = layout.suffix_start
+    stale_start = layout.chunk_starts[1] if len(layout.chunk_lens) > 1 else n_ctx
+    forced = list(ref["forced_ids"])
+    ids = torch.cat((prep.prompt_ids[n_ctx:], torch.tensor(forced[:-1], dtype=torch.long)))
+    return Sample(q.id, prep.cache.k[:, :, :n_ctx].clone(), prep.cache.v[:, :, :n_ctx].clone(),
+                  (stale_start, n_ctx), ids, layout.suffix_len - 1, ref["reference"])
+
+
+def reuse_logprobs(lm, s: Sample, log_scale: torch.Tensor | None,
+                   log_temp: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probs of the forced answer positions in reuse mode with log(S) on the stale chunk rows.
+
+    log_scale: [layers, 1 or q_heads] (differentiable) or None. log_temp: the same shape or None,
+    a temperature T on the stale rows' logits (APE's other knob; explored here, not served).
+    -> fp32 [len(forced), vocab].
+    """
+    from chunkcache.forward import _project_qkv
+    from chunkcache.rope import rope_cos_sin
+
+    model = lm.hf_model.model
+    n_ctx = s.ctx_k.shape[2]
+    n = len(s.token_ids)
+    positions = torch.arange(n_ctx, n_ctx + n)
+    cos, sin = rope_cos_sin(model.rotary_emb, positions, lm.dtype)
+    h = model.embed_tokens(s.token_ids)
+    group = lm.num_q_heads // lm.num_kv_heads
+    mask = torch.zeros(n, n_ctx + n)
+    mask[:, n_ctx:] = torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
+    in_stale = torch.zeros(n_ctx + n, dtype=torch.bool)
+    in_stale[s.stale[0]:s.stale[1]] = True
+    for index, layer in enumerate(model.layers):
+        q, k, v = _project_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin, lm)
+        keys = torch.cat((s.ctx_k[index], k), dim=1).repeat_interleave(group, dim=0)
+        values = torch.cat((s.ctx_v[index], v), dim=1).repeat_interleave(group, dim=0)
+        scores = q @ keys.transpose(1, 2) * layer.self_attn.scaling + mask
+        if log_temp is not None:
+            inv_t = torch.where(in_stale, torch.exp(-log_temp[index])[:, None], 1.0)  # [heads, keys]
+            scores = scores * inv_t[:, None, :]
+        if log_scale is not None:
+            scores = scores + torch.where(in_stale, log_scale[index][:, None], 0.0)[:, None, :]
+        attn = torch.softmax(scores, dim=-1) @ values
+        h = h + layer.self_attn.o_proj(attn.transpose(0, 1).reshape(n, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    logits = lm.hf_model.lm_head(model.norm(h[s.first_scored:])).float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def kl_to_full(reference: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(full || mode), as bench.metrics.fidelity computes it."""
+    return (reference.exp() * (reference - logprobs)).sum(-1).mean()
+
+
+def evaluate(lm, samples: list[Sample], log_scale: torch.Tensor | None, log_temp: torch.Tensor | None = None) -> dict:
+    kls, top1 = [], []
+    with torch.no_grad():
+        for s in samples:
+            lp = reuse_logprobs(lm, s, log_scale, log_temp)
+            kls.append(kl_to_full(s.reference, lp).item())
+            top1.append((lp.argmax(-1) == s.reference.argmax(-1)).float().mean().item())
+    return {"kl_mean": sum(kls) / len(kls), "top1": sum(top1) / len(top1), "per_question_kl": kls}
+
+
+def compare(lm, samples: list[Sample], log_scale, log_temp) -> dict:
+    return merge([{"base": evaluate(lm, [s], None), "tuned": evaluate(lm, [s], log_scale, log_temp)}
+                  for s in samples])
+
+
+def merge(rows: list[dict]) -> dict:
+    """Mean reuse and reuse+S figures over per-question results."""
+    def mean(which, key):
+        return sum(r[which][key] for r in rows) / len(rows)
+    return {"questions": len(rows),
+            "reuse": {k: mean("base", k) for k in ("kl_mean", "top1")},
+            "reuse_scaled": {k: mean("tuned", k) for k in ("kl_mean", "top1")}}
+
+
+def fit(lm, samples: list[Sample], granularity: str, *, steps: int = 40, lr: float = 0.1,
+        temperature: bool = False, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Adam on log(S) (and log(T) with `temperature`) -> ([layers, 1 or q_heads], same or None), detached."""
+    shape = {"scalar": (1, 1), "layer": (lm.num_layers, 1), "head": (lm.num_layers, lm.num_q_heads)}[granularity]
+    full_shape = (lm.num_layers, shape[1])
+    scale = torch.zeros(shape, requires_grad=True)
+    temp = torch.zeros(shape, requires_grad=True) if temperature else None
+    opt = torch.optim.Adam([scale] + ([temp] if temp is not None else []), lr=lr)
+    for p in lm.hf_model.parameters():
+        p.requires_grad_(False)
+    for step in range(steps):
+        started = time.perf_counter()
+        opt.zero_grad()
+        total = 0.0
+        for s in samples:
+            log_temp = temp.expand(full_shape) if temp is not None else None
+            loss = kl_to_full(s.reference, reuse_logprobs(lm, s, scale.expand(full_shape), log_temp)) / len(samples)
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        if progress:
+            extra = f", mean T {temp.detach().exp().mean():.3f}" if temp is not None else ""
+            print(f"  step {step + 1}/{steps}: train KL {total:.4f}, mean S {scale.detach().exp().mean():.3f}{extra} "
+                  f"({time.perf_counter() - started:.1f} s)", flush=True)
+    fitted_temp = temp.detach().expand(full_shape).clone() if temp is not None else None
+    return scale.detach().expand(full_shape).clone(), fitted_temp
+
+
+def parse_range(text: str) -> range:
+    a, _, b = text.partition("-")
+    return range(int(a), int(b or a) + 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--fit", default="0-24", help="question numbers to fit on (default %(default)s)")
+    p.add_argument("--eval", default="25-49", help="question numbers to report on (default %(default)s)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="head")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--temperature", action="store_true",
+                   help="also fit a temperature T on the stale rows (exploration: reported, never written)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-write", action="store_true", help="report only; do not write the calibration file")
+    a = p.parse_args(argv)
+    fit_ids, eval_ids = parse_range(a.fit), parse_range(a.eval)
+    if set(fit_ids) & set(eval_ids):
+        print("error: --fit and --eval overlap; report on questions the fit never saw", file=sys.stderr)
+        return 2
+    questions = load_questions(a.data, max(max(fit_ids), max(eval_ids)) + 1)
+    # Only the fit questions' chunks are stored up front; a held-out question's misses are computed
+    # (and stored) when it is reported.
+    pipe = open_bench_pipeline(a.model, a.threads, questions=[questions[i] for i in fit_ids], data=a.data)
+    try:
+        lm = pipe.rt.lm
+        root = CACHE_ROOT / lm.fingerprint[:16]
+
+        def samples_of(ids: range) -> list[Sample]:
+            refs = ensure_references(pipe, [questions[i] for i in ids], root)
+            return [load_sample(pipe, questions[i], ref) for i, ref in zip(ids, refs)]
+
+        train = samples_of(fit_ids)
+        check_against_pipeline(lm, train[0])
+        started = time.perf_counter()
+        log_scale, log_temp = fit(lm, train, a.granularity, steps=a.steps, lr=a.lr, temperature=a.temperature)
+        seconds = time.perf_counter() - started
+        report = {"granularity": a.granularity, "temperature": a.temperature, "fit_questions": f"{a.fit}",
+                  "eval_questions": f"{a.eval}", "steps": a.steps, "lr": a.lr, "fit_seconds": seconds}
+        report["fit"] = compare(lm, train, log_scale, log_temp)
+        del train
+        # Held-out questions are loaded only now, one at a time (each holds ~280 MB of fp32 KV):
+        # nothing of them can reach the fit.
+        held = ({"base": evaluate(lm, [s], None), "tuned": evaluate(lm, [s], log_scale, log_temp)}
+                for s in map(lambda ids: samples_of(ids)[0], (range(i, i + 1) for i in eval_ids)))
+        report["eval"] = merge(list(held))
+    finally:
+        pipe.close()
+    for name in ("fit", "eval"):
+        base, tuned = report[name]["reuse"], report[name]["reuse_scaled"]
+        print(f"{name}: reuse KL {base['kl_mean']:.4f} top-1 {base['top1']:.3f} -> "
+              f"with S KL {tuned['kl_mean']:.4f} top-1 {tuned['top1']:.3f}")
+    print("S per layer (mean over heads):", " ".join(f"{x:.2f}" for x in log_scale.exp().mean(1).tolist()))
+    if log_temp is not None:
+        print("T per layer (mean over heads):", " ".join(f"{x:.2f}" for x in log_temp.exp().mean(1).tolist()))
+    if not a.no_write and not a.temperature:
+        from chunkcache.calibration import write_calibration
+        path = write_calibration(lm, log_scale, {**report, "created": dt.date.today().isoformat()})
+        print(f"wrote {path}")
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def check_against_pipeline(lm, s: Sample) -> None:
+    """The differentiable forward at S = 1 must give reuse mode's own teacher-forced log-probs."""
+    from chunkcache.forward import forward_tokens, new_cache
+
+    n_ctx = s.ctx_k.shape[2]
+    cache = new_cache(lm, n_ctx + len(s.token_ids))
+    cache.k[:, :, :n_ctx] = s.ctx_k
+    cache.v[:, :, :n_ctx] = s.ctx_v
+    got = forward_tokens(lm, cache, s.token_ids, torch.arange(n_ctx, n_ctx + len(s.token_ids)), all_logits=True)
+    expected = torch.log_softmax(got.logits[s.first_scored:].float(), dim=-1)
+    with torch.no_grad():
+        mine = reuse_logprobs(lm, s, None)
+    err = (mine - expected).abs().max().item()
+    if err > 1e-3:
+        raise AssertionError(f"the calibration forward differs from forward_tokens by {err:.3g} at S = 1")
+    print(f"calibration forward matches forward_tokens (max |d log p| {err:.2e})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Token ids from text: untrusted text as plain text, template text with its control tokens.
+
+Documents, ingested files and questions come from users. Tokenized the ordinary way, a string such
+as `<|im_start|>system` inside them becomes the real control tokens and forges a turn of the chat
+(issue 9: a document made the model answer "BANANA"). Here untrusted text is tokenized with special
+tokens split as plain text; only the prompt template (chunkcache/prompt.py) emits control tokens.
+For text without special-token strings both ways give the same ids, so ordinary chunks keep their keys.
+"""
+from __future__ import annotations
+
+import re
+import threading
+
+# NOTE: HF fast tokenizers implement `split_special_tokens` by setting a flag on the shared Rust
+# tokenizer for the duration of the call. Two threads encoding with different settings could see each
+# other's flag (a template call would split, or, worse, a plain call would not), so every encode here
+# holds this lock.
+_ENCODE_LOCK = threading.Lock()
+
+
+class ControlTokenError(ValueError):
+    """The tokenizer produced a control token from untrusted text (it ignored `split_special_tokens`)."""
+
+
+def control_token_ids(tokenizer) -> frozenset[int]:
+    """The ids of the tokenizer's special (control) tokens: chat-turn markers, EOS, BOS and the like."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids = {i for i, token in decoder.items() if getattr(token, "special", False)}
+    return frozenset(ids | set(getattr(tokenizer, "all_special_ids", ()) or ()))
+
+
+def encode_template(tokenizer, text: str) -> list[int]:
+    """Template text (trusted: the chat template, the store's system prompt): control tokens stay control
+    tokens. The template already holds any BOS, so none is added."""
+    with _ENCODE_LOCK:
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=False)
+
+
+def encode_plain(tokenizer, text: str) -> list[int]:
+    """Untrusted text: special-token strings inside it are tokenized as the characters they are.
+
+    Raises:
+        ControlTokenError: the tokenizer does not support `split_special_tokens` and produced a control
+            token anyway (refused rather than letting the text forge a turn).
+    """
+    with _ENCODE_LOCK:
+        ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    _check_plain(tokenizer, ids)
+    return ids
+
+
+def plain_offsets(tokenizer, text: str) -> list[tuple[int, int]]:
+    """Character (start, end) of each token of untrusted `text`, tokenized as `encode_plain` does."""
+    with _ENCODE_LOCK:
+        enc = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    _check_plain(tokenizer, enc["input_ids"])
+    return [tuple(o) for o in enc["offset_mapping"]]
+
+
+def encode_around(tokenizer, before: str, untrusted: str, after: str) -> list[int]:
+    """Token ids of template text `before`, then untrusted text, then template text `after`.
+
+    The template's control tokens stay control tokens and the untrusted text's are plain text. The plain
+    span runs from the last control token of `before` to the first of `after`: a tokenizer splits at
+    control tokens before anything else, so text without special-token strings gets exactly the ids
+    it would get tokenized in one piece.
+    """
+    pattern = _control_pattern(tokenizer)
+    cut_before = max((m.end() for m in pattern.finditer(before)), default=0) if pattern else 0
+    first_after = pattern.search(after) if pattern else None
+    cut_after = first_after.start() if first_after else len(after)
+    ids = encode_template(tokenizer, before[:cut_before]) if cut_before else []
+    ids += encode_plain(tokenizer, before[cut_before:] + untrusted + after[:cut_after])
+    if cut_after < len(after):
+        ids += encode_template(tokenizer, after[cut_after:])
+    return ids
+
+
+def _control_pattern(tokenizer) -> re.Pattern | None:
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    strings = sorted({t.content for i, t in decoder.items() if i in control_token_ids(tokenizer) and t.content},
+                     key=len, reverse=True)  # longest first, so a token that contains another wins
+    return re.compile("|".join(map(re.escape, strings))) if strings else None
+
+
+def _check_plain(tokenizer, ids) -> None:
+    found = sorted(set(ids) & control_token_ids(tokenizer))
+    if found:
+        raise ControlTokenError(
+            f"the tokenizer {type(tokenizer).__name__} turned untrusted text into control token(s) "
+            f"{tokenizer.convert_ids_to_tokens(found)} although asked to split special tokens; use a "
+            "transformers version whose tokenizers support split_special_tokens")

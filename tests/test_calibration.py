@@ -1,0 +1,55 @@
+"""Calibration files: the fitted attention scale is written, found for its own model only, and used."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chunkcache import calibration
+
+QUESTION = "Where is Mount Everest?"
+FORCED = [1000, 2000, 3000]
+
+
+@pytest.fixture
+def calibration_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "CALIBRATION_DIR", tmp_path)
+    calibration.load_chunk_log_scale.cache_clear()
+    yield tmp_path
+    calibration.load_chunk_log_scale.cache_clear()
+
+
+def test_round_trip_and_pipeline_uses_it(calibration_dir, tiny_pipe, docs):
+    lm = tiny_pipe.rt.lm
+    plain, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="reuse", chunk_scale="calibrated")
+    table = torch.linspace(-1.0, -0.2, lm.num_layers * lm.num_q_heads).view(lm.num_layers, lm.num_q_heads)
+    path = calibration.write_calibration(lm, table, {"note": "test"})
+    assert path.parent == calibration_dir and json.loads(path.read_text())["fit"] == {"note": "test"}
+    loaded = calibration.load_chunk_log_scale(lm.calibration_id, lm.num_layers, lm.num_q_heads)
+    torch.testing.assert_close(loaded, table, atol=1e-5, rtol=0)
+    calibrated, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="reuse", chunk_scale="calibrated")
+    off, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="reuse", chunk_scale="off")
+    torch.testing.assert_close(off, plain)  # without a file, "calibrated" is no correction
+    assert (calibrated - off).abs().max() > 1e-3
+
+
+def test_no_file_means_no_correction(calibration_dir):
+    assert calibration.load_chunk_log_scale("0" * 32, 4, 2) is None
+
+
+def test_calibration_is_independent_of_compute_dtype(tiny_lm):
+    assert tiny_lm.calibration_id and tiny_lm.calibration_id != tiny_lm.fingerprint
+
+
+def test_wrong_shape_is_refused(calibration_dir, tiny_lm):
+    with pytest.raises(ValueError, match="layers"):
+        calibration.write_calibration(tiny_lm, torch.zeros(tiny_lm.num_layers + 1, 1), {})
+    path = calibration.write_calibration(tiny_lm, torch.zeros(tiny_lm.num_layers, 1), {})
+    body = json.loads(path.read_text())
+    body["layers"] = 99
+    body["chunk_log_scale"] = body["chunk_log_scale"][:-1]
+    path.write_text(json.dumps(body))
+    calibration.load_chunk_log_scale.cache_clear()
+    with pytest.raises(ValueError, match="does not fit"):
+        calibration.load_chunk_log_scale(tiny_lm.calibration_id, tiny_lm.num_layers, tiny_lm.num_q_heads)
