@@ -12,7 +12,8 @@ import sys
 
 from store import DamagedStoreError
 
-from .config import DEVIATIONS, INDEX_KINDS, KV_DTYPES, MODES, SELECTIONS, ChunkCacheConfig, cache_home
+from .config import (CHUNK_SCALES, DEVIATIONS, INDEX_KINDS, KV_DTYPES, MODES, SCALE_QUERIES, SELECTIONS,
+                     ChunkCacheConfig, cache_home, check_chunk_scale)
 from .corpus import SUPPORTED_SUFFIXES
 
 DEFAULT_STORE = os.environ.get("CHUNKCACHE_STORE", "stores/default")
@@ -144,6 +145,11 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-layer", type=int, default=None)
     p.add_argument("--deviation", choices=DEVIATIONS, default=None)
     p.add_argument("--selection", choices=SELECTIONS, default=None)
+    p.add_argument("--chunk-scale", type=_chunk_scale, default=None, metavar="calibrated|off|S",
+                   help="attention scale on reused chunks after the first (default calibrated: the model's "
+                        "fitted table, none for a model without one)")
+    p.add_argument("--scale-queries", choices=SCALE_QUERIES, default=None,
+                   help="which queries take the chunk scale (default all)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -151,6 +157,18 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--doc", action="append", dest="documents", default=None,
                    help="use this text as a chunk instead of retrieval (repeatable)")
+
+
+def _chunk_scale(text: str):
+    if text in CHUNK_SCALES:
+        return text
+    try:
+        value = float(text)
+        check_chunk_scale(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if "chunk_scale" in str(exc) else
+                                         f"use {' or '.join(CHUNK_SCALES)} or a number, got {text!r}") from None
+    return value
 
 
 def overrides_from(args, names) -> dict:
@@ -161,7 +179,7 @@ def open_pipeline(args, **extra):
     from .pipeline import RAGPipeline
 
     overrides = overrides_from(args, ("model", "embedder", "device", "threads", "check_layer", "deviation",
-                                      "selection", "max_store_bytes", "document_quota_bytes", "persist_documents"))
+                                      "selection", "chunk_scale", "scale_queries", "max_store_bytes", "document_quota_bytes", "persist_documents"))
     return RAGPipeline.open(args.store, **overrides, **extra)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from fastapi.testclient import TestClient
+
 from chunkcache import RAGPipeline
+from chunkcache.server import ServerSettings, create_app
 
 from .conftest import DOCS
 
@@ -63,18 +66,35 @@ def test_document_quota_stores_what_fits_and_serves_the_rest(tmp_path, tiny_lm, 
         pipe.close()
 
 
-def test_a_flood_of_new_documents_stays_within_the_quota(tmp_path, tiny_lm, hash_embedder):
-    quota = 128 * 1024  # room for the victim's three documents (~70 KB) and a few of the flood's 20
-    pipe = open_pipe(tmp_path, tiny_lm, hash_embedder, document_quota_bytes=quota)
+def test_a_flood_of_200_document_requests_keeps_the_cap_the_quota_and_the_other_tenants_hits(
+        tmp_path, tiny_lm, hash_embedder):
+    """Issue 9's figure, through the HTTP API: one tenant sends 200 requests of new text. The quota keeps
+    what it stores small; the cap is the backstop for the store as a whole (its eviction is tested in
+    test_pipeline_faults.py), so the other tenant's documents stay stored and keep hitting."""
+    quota = 128 * 1024  # a few of the flood's ~25 KB documents
+    cap = 512 * 1024  # the prefix, the victim's three documents (~70 KB) and the quota fit; the flood (~5 MB) not
+    pipe = open_pipe(tmp_path, tiny_lm, hash_embedder, document_quota_bytes=quota, max_store_bytes=cap)
+    app = create_app(pipe, ServerSettings(api_keys={"key-victim": "victim", "key-flood": "flooder"}))
+
+    def ask(c, key: str, documents: list[str]) -> dict:
+        r = c.post("/query", headers={"Authorization": f"Bearer {key}"},
+                   json={"question": Q, "documents": documents, "mode": "reuse", "max_new_tokens": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["stats"]
+
     try:
-        pipe.query(Q, documents=DOCS, mode="reuse", namespace="victim")
-        for i in range(20):
-            pipe.query(Q, documents=[f"Flood passage {i}: " + "new words " * 10], mode="reuse", max_new_tokens=1,
-                       namespace="flooder")
+        with TestClient(app) as c:
+            assert ask(c, "key-victim", DOCS)["chunk_misses"] == 3
+            unstored = 0
+            for i in range(200):
+                unstored += ask(c, "key-flood", [f"Flood passage {i}: " + "new words " * 10])["unstored_chunks"]
+                assert pipe.rt.store.kv.kv_bytes() <= cap
+                if i % 50 == 49:
+                    assert ask(c, "key-victim", DOCS)["chunk_hits"] == 3
         assert pipe.rt.store.kv.document_bytes("flooder") <= quota
         stored = [m for m in map(pipe.rt.store.kv.get_meta, _keys(pipe)) if m.get("namespace") == "flooder"]
-        assert 0 < sum(m["num_tokens"] for m in stored) * BYTES_PER_TOKEN <= quota
-        assert pipe.query(Q, documents=DOCS, mode="reuse", namespace="victim").stats.chunk_hits == 3
+        assert 0 < len(stored) == 200 - unstored
+        assert sum(m["num_tokens"] for m in stored) * BYTES_PER_TOKEN <= quota
     finally:
         pipe.close()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 
@@ -13,7 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from chunkcache import Answer, CacheStats, RAGPipeline, Source, Timings
 from chunkcache.server import Limits, Metrics, NoMetrics, ServerSettings, create_app, parse_api_keys
 
+from store import DiskFullError
+
 from .conftest import DOCS
+from .test_store_faults import tiny_disk  # noqa: F401 - a fixture
 
 # Documents only the tenancy tests use, so no other test has cached them.
 TENANT_DOCS = [
@@ -156,6 +160,15 @@ def test_query_matches_the_pipeline(client, store_pipe):
     assert body["config"]["mode"] == "blend"
 
 
+def test_query_chunk_scale_reaches_the_pipeline(client, store_pipe):
+    payload = {"question": "Where is Mount Everest?", "documents": DOCS, "max_new_tokens": 4, "mode": "reuse"}
+    scaled = client.post("/query", json={**payload, "chunk_scale": 0.3, "scale_queries": "question"}).json()
+    direct = store_pipe.query("Where is Mount Everest?", documents=DOCS, max_new_tokens=4, mode="reuse",
+                              chunk_scale=0.3, scale_queries="question")
+    assert scaled["token_ids"] == direct.token_ids
+    assert scaled["config"]["chunk_scale"] == 0.3 and scaled["config"]["scale_queries"] == "question"
+
+
 def test_query_retrieves_from_the_store(client):
     r = client.post("/query", json={"question": "Eiffel Tower Paris", "top_k": 2, "mode": "full"})
     assert r.status_code == 200, r.text
@@ -220,6 +233,9 @@ def test_query_stream(client):
     ({"question": "q", "mode": "turbo"}, "mode"),
     ({"question": "q", "seed": -1}, "seed"),
     ({"question": "q", "deviation": "both"}, "deviation"),
+    ({"question": "q", "chunk_scale": 0}, "chunk_scale"),
+    ({"question": "q", "chunk_scale": "strong"}, "chunk_scale"),
+    ({"question": "q", "scale_queries": "some"}, "scale_queries"),
     ({"question": "q", "stream": "maybe"}, "stream"),
     ({"question": "q", "topk": 3}, "topk"),
     ({"question": 5}, "question"),
@@ -277,6 +293,46 @@ def test_error_in_the_middle_of_a_stream_is_a_generic_error_event(caplog):
     assert events[0] == ("token", json.dumps({"text": "partial"}))
     assert events[-1][0] == "error" and json.loads(events[-1][1])["error"]["code"] == "internal_error"
     assert "secret" not in events[-1][1] and "secret" in caplog.text
+
+
+@pytest.mark.parametrize("stream, fail_after_first", [(False, False), (True, False), (True, True)])
+def test_a_full_disk_is_507_with_a_clear_message(caplog, stream, fail_after_first):
+    full = DiskFullError("disk full: writing to the store at /srv/private/store failed (No space left on device)")
+    app = create_app(FakePipeline(error=full, fail_after_first=fail_after_first))
+    with caplog.at_level(logging.ERROR, "chunkcache.server"), TestClient(app) as c:
+        r = c.post("/query", json={"question": "hi", "stream": stream})
+    if fail_after_first:  # the 200 was already sent: the last event says it
+        assert r.status_code == 200
+        error = json.loads(sse_events(r.text)[-1][1])["error"]
+    else:
+        assert r.status_code == 507
+        error = r.json()["error"]
+    assert error["code"] == "disk_full" and error["type"] == "server_error"
+    assert error["message"].startswith("the server's disk is full") and "cached chunks still work" in error["message"]
+    assert "/srv/private" not in r.text and "/srv/private/store" in caplog.text  # paths go to the log only
+
+
+def test_a_full_disk_fails_only_the_requests_that_must_write(tiny_disk, tiny_lm, hash_embedder):
+    pipe = open_store_pipeline(tiny_disk, tiny_lm, hash_embedder)
+    entries = len(pipe.rt.store.kv)
+    filler = os.open(tiny_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                os.write(filler, b"\0" * 4096)
+        os.close(filler)
+        with TestClient(create_app(pipe)) as c:
+            new = c.post("/query", json={"question": "Everest?", "max_new_tokens": 2,
+                                         "documents": ["Fresh text the store has never held. " * 40]})
+            stored = c.post("/query", json={"question": "Where is Mount Everest?", "top_k": 3, "max_new_tokens": 2})
+            paths = c.get("/openapi.json").json()["paths"]
+        assert "507" in paths["/query"]["post"]["responses"] and "507" not in paths["/v1/models"]["get"]["responses"]
+        assert new.status_code == 507 and new.json()["error"]["code"] == "disk_full"
+        assert stored.status_code == 200 and stored.json()["stats"]["chunk_hits"] == 3
+        assert len(pipe.rt.store.kv) == entries
+        assert not [p.name for p in (tiny_disk / "store").iterdir() if p.name.endswith(".tmp")]
+    finally:
+        pipe.close()
 
 
 def test_unknown_route_404(client):
@@ -558,6 +614,44 @@ def test_metrics_count_requests_and_cache(store_pipe):
     assert got[("chunkcache_chunk_hits_total", ())] + got[("chunkcache_chunk_misses_total", ())] == 3
     assert got[("chunkcache_reused_tokens_total", ())] > 0 and got[("chunkcache_recomputed_tokens_total", ())] > 0
     assert all(name.startswith("chunkcache_") for name, _ in got)
+
+
+def test_metrics_count_documents_not_stored(tmp_path, tiny_lm, hash_embedder):
+    pipe = open_store_pipeline(tmp_path, tiny_lm, hash_embedder, ingest=False, persist_documents=False)
+    metrics = Metrics()
+    try:
+        with TestClient(create_app(pipe, metrics=metrics)) as c:
+            for _ in range(2):
+                r = c.post("/query", json={"question": "Amazon?", "documents": DOCS[:2], "max_new_tokens": 1})
+                assert r.json()["stats"]["unstored_chunks"] == 2
+            got = samples(c.get("/metrics").text)
+    finally:
+        pipe.close()
+    assert got[("chunkcache_unstored_chunks_total", ())] == 4
+
+
+class CancellingPipeline(FakePipeline):
+    """Its client "leaves" at once: the `cancelled` poll is True before and during decoding."""
+
+    def query(self, question, cancelled=None, **kwargs):
+        assert cancelled is not None, "the server did not pass its disconnect poll"
+        if self.error is not None:
+            raise self.error
+        answer = fake_answer("cut short")
+        answer.finish_reason = "cancelled"
+        return answer
+
+
+def test_metrics_count_cancelled_requests():
+    from chunkcache.pipeline import RequestCancelled
+
+    for pipe, status in [(CancellingPipeline(error=RequestCancelled("gone before the model")), 499),
+                         (CancellingPipeline(), 200)]:
+        metrics = Metrics()
+        with TestClient(create_app(pipe, metrics=metrics)) as c:
+            assert c.post("/query", json={"question": "hi"}).status_code == status
+            got = samples(c.get("/metrics").text)
+        assert got[("chunkcache_cancelled_requests_total", ())] == 1
 
 
 def test_metrics_are_per_app_and_can_be_disabled(store_pipe):

@@ -14,7 +14,7 @@ import openai
 import pytest
 import uvicorn
 
-from chunkcache.server import ServerSettings, create_app
+from chunkcache.server import Metrics, ServerSettings, create_app
 
 from .conftest import DOCS
 from .test_server import open_store_pipeline, sse_events
@@ -54,9 +54,18 @@ def pipe(tmp_path_factory, tiny_lm, hash_embedder):
 
 
 @pytest.fixture(scope="module")
-def base_url(pipe):
-    with running_server(create_app(pipe, ServerSettings(api_keys=KEYS))) as url:
+def metrics():
+    return Metrics()
+
+
+@pytest.fixture(scope="module")
+def base_url(pipe, metrics):
+    with running_server(create_app(pipe, ServerSettings(api_keys=KEYS), metrics=metrics)) as url:
         yield url
+
+
+def num_cancelled(metrics) -> float:
+    return metrics.registry.get_sample_value("chunkcache_cancelled_requests_total")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +168,8 @@ def test_concurrent_requests_get_the_sequential_answers(client, base_url):
     assert len(set(sequential)) > 1  # the questions really differ
 
 
-def test_a_client_leaving_mid_stream_frees_the_model(base_url, pipe):
+def test_a_client_leaving_mid_stream_frees_the_model(base_url, pipe, metrics):
+    cancelled = num_cancelled(metrics)
     payload = {"question": "Tell me everything about rivers.", "documents": DOCS, "stream": True,
                "max_new_tokens": 1500}
     with httpx.stream("POST", f"{base_url}/query", json=payload, headers={"Authorization": "Bearer key-plain"},
@@ -175,9 +185,11 @@ def test_a_client_leaving_mid_stream_frees_the_model(base_url, pipe):
     r = httpx.post(f"{base_url}/query", json={"question": "Everest?", "documents": DOCS[:1], "max_new_tokens": 2},
                    headers={"Authorization": "Bearer key-plain"}, timeout=60)
     assert r.status_code == 200
+    assert num_cancelled(metrics) == cancelled + 1
 
 
-def test_a_client_leaving_a_plain_request_cancels_it(base_url, pipe, monkeypatch):
+def test_a_client_leaving_a_plain_request_cancels_it(base_url, pipe, metrics, monkeypatch):
+    cancelled = num_cancelled(metrics)
     answers = []
     query = pipe.query
     monkeypatch.setattr(pipe, "query", lambda *a, **k: answers.append(query(*a, **k)) or answers[-1])
@@ -192,3 +204,7 @@ def test_a_client_leaving_a_plain_request_cancels_it(base_url, pipe, monkeypatch
         time.sleep(0.05)
     assert answers[0].finish_reason == "cancelled" and answers[0].stats.completion_tokens < 1500
     assert time.monotonic() - started < 6
+    deadline = time.monotonic() + 5  # counted once the handler resumes after the worker thread
+    while num_cancelled(metrics) != cancelled + 1:
+        assert time.monotonic() < deadline, f"cancelled requests counted: {num_cancelled(metrics)}"
+        time.sleep(0.05)

@@ -21,6 +21,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from store import DiskFullError
+
 from ..answer import Answer
 from ..pipeline import QueryError, RequestCancelled
 from .auth import Authenticator, Caller
@@ -40,6 +42,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "invalid request: the message says which field and why"},
     503: {"model": ErrorBody, "description": "the model is still loading, or the server is busy"},
 }
+# The endpoints that may store KV (a miss) can find the disk full.
+QUERY_ERROR_RESPONSES = {**ERROR_RESPONSES, 507: {
+    "model": ErrorBody, "description": "the server's disk is full and this request had to store new KV "
+                                       "(requests over cached chunks still work)"}}
+# Said to the client instead of the store's own message, which names server paths; that goes to the log.
+DISK_FULL_MESSAGE = ("the server's disk is full: this request needs to store the KV of chunks that are not cached "
+                     "yet, and cannot. Requests over cached chunks still work; retry later (the operator has to "
+                     "free disk space or cap the store: `chunkcache gc`)")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -134,9 +144,14 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
         watcher = asyncio.create_task(_watch_disconnect(request, gone))
         try:
             answer = await run_in_threadpool(_guarded, pipe.query, question, cancelled=gone.is_set, **kwargs)
+        except RequestCancelled:
+            metrics.observe_cancelled()
+            raise
         finally:
             watcher.cancel()
             admission.leave()
+        if answer.finish_reason == "cancelled":
+            metrics.observe_cancelled()
         metrics.observe_answer(answer)
         return answer
 
@@ -153,7 +168,7 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
         return _prepend(first, events)
 
     @app.post("/query", response_model=Answer, responses={
-        **ERROR_RESPONSES, 200: {"description": "the answer; with stream=true, Server-Sent Events: `token` "
+        **QUERY_ERROR_RESPONSES, 200: {"description": "the answer; with stream=true, Server-Sent Events: `token` "
                                  "events ({\"text\"}) then one `answer` event (the same object as without stream)",
                                  "content": {"text/event-stream": {}}}})
     async def query(body: QueryRequest, request: Request, who: Caller = Depends(caller),
@@ -170,12 +185,14 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
             metrics.observe_answer(event)
             return [_sse("answer", event.to_dict())]
 
-        return StreamingResponse(_render_stream(events, render, lambda body: _sse("error", body)),
+        return StreamingResponse(_render_stream(events, render, lambda body: _sse("error", body),
+                                                metrics.observe_cancelled),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/chat/completions", responses={
-        **ERROR_RESPONSES, 200: {"description": "a `chat.completion`, or with stream=true `chat.completion.chunk` "
-                                 "events ending with `data: [DONE]`", "content": {"text/event-stream": {}}}})
+        **QUERY_ERROR_RESPONSES, 200: {"description": "a `chat.completion`, or with stream=true "
+                                       "`chat.completion.chunk` events ending with `data: [DONE]`",
+                                       "content": {"text/event-stream": {}}}})
     async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller),
                                pipe=Depends(ready_pipeline)):
         """OpenAI-compatible chat: the last user message is the question; retrieval runs over the store
@@ -201,7 +218,7 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
 
         async def sse():
             yield _data(completion.chunk({"role": "assistant", "content": ""}, include_usage=include_usage))
-            async for text in _render_stream(events, render, _data):
+            async for text in _render_stream(events, render, _data, metrics.observe_cancelled):
                 yield text
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -287,21 +304,30 @@ async def _watch_disconnect(request: Request, gone: threading.Event, every_s: fl
 
 
 def _guarded(fn, *args, **kwargs):
-    """Run `fn` (in a worker thread); unexpected errors are logged here and become a generic 500."""
+    """Run `fn` (in a worker thread); unexpected errors become `_server_error`'s answer."""
     try:
         return fn(*args, **kwargs)
     except (QueryError, RequestCancelled):
         raise
     except Exception as exc:
-        log.exception("request failed")
-        raise ApiError(500, "internal error; see the server log", "internal_error") from exc
+        raise _server_error(exc) from exc
 
 
 def _reraise(exc: BaseException):
     if isinstance(exc, (QueryError, ApiError)) or not isinstance(exc, Exception):
         raise exc
+    raise _server_error(exc) from exc
+
+
+def _server_error(exc: Exception) -> ApiError:
+    """A failure the client did not cause, logged here: 507 for a full disk (the operator's to fix, and
+    requests that write nothing keep working, so it is not an outage), else a generic 500. Details stay
+    in the log: they name server paths."""
+    if isinstance(exc, DiskFullError):
+        log.error("request failed: %s", exc)
+        return ApiError(507, DISK_FULL_MESSAGE, "disk_full")
     log.error("request failed", exc_info=exc)
-    raise ApiError(500, "internal error; see the server log", "internal_error") from exc
+    return ApiError(500, "internal error; see the server log", "internal_error")
 
 
 async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
@@ -314,19 +340,26 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
 
 
 async def _render_stream(events: AsyncIterator, render: Callable[[Any], list[str]],
-                         render_error: Callable[[dict], str]) -> AsyncIterator[str]:
+                         render_error: Callable[[dict], str], on_cancel: Callable[[], None]) -> AsyncIterator[str]:
     """The rendered events; a failure once the 200 has been sent becomes one error event (with the
-    pipeline's message for a QueryError, generic otherwise)."""
+    pipeline's message for a QueryError, `_server_error`'s otherwise). `on_cancel` runs if the stream is
+    closed before its end: its client left."""
+    ended = False
     try:
         async for event in events:
             for text in render(event):
                 yield text
+        ended = True
     except QueryError as exc:
+        ended = True
         yield render_error(_error_body(str(exc), "query_error"))
-    except Exception:
-        log.exception("stream failed")
-        yield render_error(_error_body("internal error; see the server log", "internal_error"))
+    except Exception as exc:
+        ended = True
+        error = _server_error(exc)
+        yield render_error(_error_body(error.message, error.code))
     finally:
+        if not ended:
+            on_cancel()
         await events.aclose()
 
 
@@ -349,7 +382,7 @@ def _data(data: dict) -> str:
 
 
 def _error_body(message: str, code: str, param: str | None = None) -> dict:
-    kind = "server_error" if code == "internal_error" else "invalid_request_error"
+    kind = "server_error" if code in ("internal_error", "disk_full") else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

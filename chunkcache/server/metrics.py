@@ -40,6 +40,12 @@ class Metrics:
         self.damaged_entries = Counter("chunkcache_damaged_entries",
                                        "Stored KV entries that failed their checksum: recomputed and rewritten",
                                        registry=r)
+        self.unstored_chunks = Counter("chunkcache_unstored_chunks",
+                                       "Request documents computed for the request only, not stored: their tenant "
+                                       "was over its document quota, or documents are not persisted", registry=r)
+        self.cancelled = Counter("chunkcache_cancelled_requests",
+                                 "Requests stopped because their client left (before the model, while decoding, "
+                                 "or mid-stream)", registry=r)
         self.completion_tokens = Counter("chunkcache_completion_tokens", "Generated tokens", registry=r)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
@@ -56,7 +62,11 @@ class Metrics:
         self.recomputed_tokens.inc(s.recomputed_tokens)
         self.prompt_tokens.inc(s.prompt_tokens)
         self.damaged_entries.inc(s.damaged_chunks)
+        self.unstored_chunks.inc(s.unstored_chunks)
         self.completion_tokens.inc(s.completion_tokens)
+
+    def observe_cancelled(self) -> None:
+        self.cancelled.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -71,6 +81,9 @@ class NoMetrics:
         pass
 
     def observe_answer(self, answer: Answer) -> None:
+        pass
+
+    def observe_cancelled(self) -> None:
         pass
 
     def render(self) -> bytes:

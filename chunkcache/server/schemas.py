@@ -5,9 +5,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from ..config import DEVIATIONS, MODES, SELECTIONS
+from ..config import DEVIATIONS, MODES, SCALE_QUERIES, SELECTIONS, check_chunk_scale
 from .settings import Limits
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit value
@@ -20,6 +20,17 @@ GREEDY_TOP_P = 1e-6
 Mode = Literal[MODES]  # type: ignore[valid-type]
 Deviation = Literal[DEVIATIONS]  # type: ignore[valid-type]
 Selection = Literal[SELECTIONS]  # type: ignore[valid-type]
+ScaleQueries = Literal[SCALE_QUERIES]  # type: ignore[valid-type]
+
+
+def _chunk_scale(value: float | str) -> float | str:
+    check_chunk_scale(value)
+    return value
+
+
+# "calibrated", "off", or one attention scale S for the reused chunks after the first; one
+# validator (not a union of types) so that an error names the field alone.
+ChunkScale = Annotated[float | str, AfterValidator(_chunk_scale)]
 
 
 class ErrorDetail(BaseModel):
@@ -91,6 +102,8 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         check_layer: CheckLayer | None = None
         deviation: Deviation | None = None
         selection: Selection | None = None
+        chunk_scale: ChunkScale | None = None
+        scale_queries: ScaleQueries | None = None
         stream: bool = False
 
         def pipeline_kwargs(self) -> dict[str, Any]:
@@ -129,6 +142,8 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         check_layer: CheckLayer | None = None
         deviation: Deviation | None = None
         selection: Selection | None = None
+        chunk_scale: ChunkScale | None = None
+        scale_queries: ScaleQueries | None = None
 
         @model_validator(mode="after")
         def _supported(self):
@@ -162,7 +177,8 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
 
         def pipeline_kwargs(self) -> dict[str, Any]:
             kwargs = self.model_dump(include={"documents", "top_k", "mode", "recompute_ratio", "check_layer",
-                                              "deviation", "selection", "seed"}, exclude_none=True)
+                                              "deviation", "selection", "chunk_scale", "scale_queries", "seed"},
+                                     exclude_none=True)
             max_tokens = self.max_completion_tokens or self.max_tokens
             if max_tokens is not None:
                 kwargs["max_new_tokens"] = max_tokens
