@@ -36,7 +36,9 @@ def markdown(result: dict, json_path: Path, image: str | None = None) -> str:
     """The run's table, its configuration, the store build, and any ingest/HTTP results beside it."""
     c, s = result["config"], result["summary"]
     full = s["full"]
-    lines = [f"### {Path(c['data']).stem}: {c['questions']} questions, {c['model']} "
+    first = c.get("first_question", 0)
+    which = f"questions {first}-{first + c['questions'] - 1}" if first else f"{c['questions']} questions"
+    lines = [f"### {Path(c['data']).stem}: {which}, {c['model']} "
              f"({result['created'][:10]}, `{json_path.name}`)", "",
              "| mode | recompute | TTFT p50 | TTFT p90 | speed-up | speed-up (per-question median) | mean KL | "
              "first-token KL | top-1 agree | F1 vs full | MuSiQue F1 |",
@@ -65,10 +67,40 @@ def markdown(result: dict, json_path: Path, image: str | None = None) -> str:
               f"{full['prompt_tokens_mean']:,.0f} prompt tokens on average; data `{c['data']}`; "
               f"{result['seconds_total'] / 60:.1f} min in all.",
               "", "Store build: " + _store_line(result["store"])]
+    lines += split_section(result)
     if image:
         lines += ["", f"![fidelity vs TTFT speed-up]({image})"]
     extras = extra_sections(Path(json_path).parent)
     return "\n".join(lines + extras)
+
+
+# The dev questions the shipped calibration was fitted on (chunkcache/calibrations/*.json "fit");
+# figures on the others are held out.
+FIT_QUESTIONS = range(0, 25)
+
+
+def split_section(result: dict) -> list[str]:
+    """Mean KL and top-1 per mode on the fit questions and on the held-out ones, when the run has both."""
+    first = result["config"].get("first_question", 0)
+    rows = result["questions"]
+    halves = {"fit": [r for i, r in enumerate(rows, first) if i in FIT_QUESTIONS],
+              "held out": [r for i, r in enumerate(rows, first) if i not in FIT_QUESTIONS]}
+    if not halves["held out"]:
+        return ["", f"All {len(rows)} questions of this run are in the calibration's fit half "
+                    f"({FIT_QUESTIONS.start}-{FIT_QUESTIONS.stop - 1})."]
+    if not halves["fit"]:
+        return ["", f"All {len(rows)} questions of this run are held out: no fitted constant saw them."]
+    n_fit, n_held = len(halves["fit"]), len(halves["held out"])
+    lines = ["", f"By half: questions {FIT_QUESTIONS.start}-{FIT_QUESTIONS.stop - 1} ({n_fit}) fitted the "
+                 f"calibrated constants and chose the defaults; the other {n_held} are held out.", "",
+             "| mode | mean KL (fit) | top-1 (fit) | mean KL (held out) | top-1 (held out) |", "|---|--:|--:|--:|--:|"]
+    for name in result["summary"]:
+        cells = []
+        for half in ("fit", "held out"):
+            runs = [r["modes"][name] for r in halves[half]]
+            cells += [_num(sum(m["kl_mean"] for m in runs) / len(runs)), f"{sum(m['top1'] for m in runs) / len(runs):.3f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _store_line(st: dict) -> str:

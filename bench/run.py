@@ -43,10 +43,11 @@ from bench.reference import CACHE_ROOT, ensure_references
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_STORE_ROOT = REPO_ROOT / ".cache" / "bench-store"
-# The ratio sweep runs chunkcache's default selection (impact); CacheBlend's deviation-only
-# selection (V and K) and the other schemes run at the default ratio beside it.
-DEFAULT_MODES = ("full", "reuse", "epic", "blend-0.05-impact", "blend-0.10-impact", "blend-0.15-impact",
-                 "blend-0.30-impact", "blend-0.15-key-impact", "blend-0.15", "blend-0.15-key", "blend-0.15-query")
+# The ratio sweep runs chunkcache's default (impact selection, calibrated chunk scale on the
+# question's queries); beside it at 0.15: the same without the scale (the previous default),
+# CacheBlend's deviation-only selection with and without it, and reuse with and without it.
+DEFAULT_MODES = ("full", "reuse-soff", "reuse", "epic", "blend-0.05-impact", "blend-0.15-impact", "blend-0.30-impact",
+                 "blend-0.15-impact-soff", "blend-0.15-soff", "blend-0.15")
 RESULT_KIND = "chunkcache-bench-rag"
 
 
@@ -75,12 +76,12 @@ class ModeSpec:
 
 MODE_HELP = ("full, reuse, epic or blend-R, with optional suffixes -key/-value (deviation), -{selections} "
              "(selection), -oracle/-oracleout (bench-only oracle selection), -cN (check layer), "
-             "-soff/-scal/-sS (attention scale on reused chunks: off, calibrated, one S) and -qonly (the scale "
-             "on the question's queries only), e.g. blend-0.15-key-c3 or reuse-s0.5")
+             "-soff/-scal/-sS (attention scale on reused chunks: off, calibrated, one S) and -qonly/-qall (the "
+             "scale on the question's queries only, or on recomputed chunk tokens' too), e.g. blend-0.15-key-c3 or reuse-s0.5")
 
 
 def parse_mode(name: str) -> ModeSpec:
-    """`full`, `reuse[-s..]`, `epic[-s..]` or `blend-R[-<deviation>][-<selection>][-cN][-s..][-qonly]`."""
+    """`full`, `reuse[-s..]`, `epic[-s..]` or `blend-R[-<deviation>][-<selection>][-cN][-s..][-qonly|-qall]`."""
     from bench.oracles import ORACLES
     from chunkcache.config import DEVIATIONS, SELECTIONS, check_chunk_scale
 
@@ -117,8 +118,8 @@ def parse_mode(name: str) -> ModeSpec:
             key, value = "chunk_scale", float(part[1:])
             check_chunk_scale(value)
             text = f"s{value:g}"
-        elif part == "qonly":
-            key, value, text = "scale_queries", "question", part
+        elif part in ("qonly", "qall"):
+            key, value, text = "scale_queries", {"qonly": "question", "qall": "all"}[part], part
         else:
             raise ValueError(f"unknown mode {name!r} (at {part!r}); use {helptext}")
         if order.index(key) <= seen:

@@ -149,7 +149,7 @@ def _query_args(p: argparse.ArgumentParser) -> None:
                    help="attention scale on reused chunks after the first (default calibrated: the model's "
                         "fitted table, none for a model without one)")
     p.add_argument("--scale-queries", choices=SCALE_QUERIES, default=None,
-                   help="which queries take the chunk scale (default all)")
+                   help="which queries take the chunk scale: the question's (default) or all recomputed tokens'")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -73,9 +73,9 @@ class ChunkCacheConfig:
     selection: str = "impact"
     epic_tokens: int = 16
     # Attention scale S on the reused chunks after the first (blend.chunk_key_bias): "calibrated"
-    # (the model's fitted per-layer, per-head table; no table: off), "off", or one S in (0, 4].
+    # (the model's fitted table, per layer or per head; no table: off), "off", or one S in (0, 4].
     chunk_scale: float | str = "calibrated"
-    scale_queries: str = "all"  # which queries take S: "all", or the "question" and answer only
+    scale_queries: str = "question"  # which queries take S: the "question" (and answer) only, or "all"
     max_new_tokens: int = 128
     max_question_chars: int = 4000
 

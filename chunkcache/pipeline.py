@@ -72,7 +72,7 @@ class Request:
     selection: str
     top_k_explicit: bool = True
     chunk_scale: float | str = "calibrated"
-    scale_queries: str = "all"
+    scale_queries: str = "question"
     selection_scores: torch.Tensor | None = None  # benchmark oracles only (see `evaluate`)
     cancelled: Callable[[], bool] | None = None  # polled between decode steps: True stops the request
 

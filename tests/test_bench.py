@@ -123,6 +123,7 @@ def test_parse_mode_scale_and_oracles():
     assert spec.kwargs() == {"mode": "blend", "recompute_ratio": 0.15, "deviation": "value", "selection": "impact",
                              "chunk_scale": 0.5, "scale_queries": "question"}
     assert parse_mode("reuse-soff").kwargs() == {"mode": "reuse", "chunk_scale": "off"}
+    assert parse_mode("blend-0.1-qall").kwargs()["scale_queries"] == "all"
     assert parse_mode("reuse-scal").kwargs() == {"mode": "reuse", "chunk_scale": "calibrated"}
     oracle = parse_mode("blend-0.15-oracleout")
     assert oracle.oracle == "oracleout" and oracle.name == "blend-0.15-oracleout"

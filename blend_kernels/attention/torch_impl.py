@@ -53,10 +53,11 @@ def position_causal_attention_torch(
     for (start, end), max_pos in zip(blocks, last_pos):
         num_keys = max_pos + 1
         mask = torch.arange(num_keys, device=q.device)[None, :] <= pos_sorted[start:end, None]
-        if key_bias is not None:
+        if key_bias is not None and max_pos >= bias_from:
             # The bias rides in SDPA's float mask, built in one pass: SDPA turns a boolean mask into
             # a float one of the same size anyway, so a bias shared by all heads costs nothing extra
-            # (a per-head bias makes the mask, and its traffic, q_heads times larger).
+            # (a per-head bias makes the mask, and its traffic, q_heads times larger). Blocks whose
+            # queries all sit before bias_from keep the plain boolean mask.
             bias = key_bias[:, None, :num_keys].to(q.dtype)
             if bias_from > int(pos_sorted[start]):
                 bias = bias * (pos_sorted[start:end] >= bias_from)[None, :, None]
