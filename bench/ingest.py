@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="store directory (default: a fresh temporary one, removed afterwards); an existing "
                         "store only computes what it lacks")
     p.add_argument("--model", default="default")
-    p.add_argument("--kv-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--kv-dtype", default="float16", choices=("float16", "bfloat16", "float32", "int8"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-embed", action="store_true", help="KV only: skip embedding and the Faiss index")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help=f"where the JSON goes (default {RESULTS_DIR})")

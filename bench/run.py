@@ -430,8 +430,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--model", default="default", help="LLM: default (SmolLM2-135M-Instruct), a HF id or a dir")
     p.add_argument("--store", type=Path, default=None,
                    help=f"store directory (default {DEFAULT_STORE_ROOT.relative_to(REPO_ROOT)}/<model>-<kv dtype>)")
-    p.add_argument("--kv-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
-    p.add_argument("--check-layer", type=int, default=None, help="blend check layer (default: the config's, 1)")
+    p.add_argument("--kv-dtype", default="float16", choices=("float16", "bfloat16", "float32", "int8"))
+    p.add_argument("--check-layer", type=int, default=None, help="blend check layer (default: the config's, 0)")
     p.add_argument("--rebuild-store", action="store_true", help="delete the store first, so its build is timed")
     p.add_argument("--no-warmup", action="store_true", help="skip the unrecorded warm-up calls")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where results go (default bench/results)")

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from store.codec import payload_bytes
+
 from .blend import PromptLayout
 
 
@@ -37,5 +39,13 @@ def cached_token_count(layout: PromptLayout, kept_positions: torch.Tensor, chunk
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
-    """Stored KV payload of one token: K and V, every layer and KV head, in the store's dtype."""
+    """Stored KV payload of one token: K and V, every layer and KV head, in the store's dtype (int8: the codes
+    and the token's V scale and minimum, without the per-chunk K stats; `kv_entry_bytes` counts those)."""
+    if kv_dtype == torch.int8:
+        return 2 * num_layers * num_kv_heads * (head_dim + 4)
     return 2 * num_layers * num_kv_heads * head_dim * kv_dtype.itemsize
+
+
+def kv_entry_bytes(num_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str) -> int:
+    """Stored KV payload of a chunk of `num_tokens` tokens as `kv_dtype` (a config name), as the store counts it."""
+    return payload_bytes((2, num_layers, num_kv_heads, num_tokens, head_dim), kv_dtype)

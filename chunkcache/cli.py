@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     _store_args(p)
     p.add_argument("--chunk-tokens", type=int, default=256, help="chunk size in LLM tokens (default 256)")
-    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float16")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float16",
+                   help="how KV is stored (default float16); int8: KIVI-style codes, about half of float16's bytes")
     p.add_argument("--index-kind", choices=INDEX_KINDS, default="flat",
                    help="Faiss index: flat (exact, default), hnsw or ivf for large corpora")
     p.add_argument("--no-progress", action="store_true")

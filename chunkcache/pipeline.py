@@ -17,14 +17,14 @@ import torch
 from blend_kernels import rerotate_keys
 from store import CorruptEntryError, StoreError
 
-from .accounting import cached_token_count, kv_bytes_per_token
+from .accounting import cached_token_count, kv_entry_bytes
 from .answer import Answer, CacheStats, Source, Timings
 from .blend import PromptLayout, blend_selector, chunk_key_bias, initial_positions
 from .calibration import load_chunk_log_scale
 from .config import MODES, ChunkCacheConfig, check_ratio
 from .forward import KVCache, forward_tokens, new_cache
 from .ingest import IngestReport, PendingChunk, ensure_prefix, ingest_paths, store_chunks
-from .kvcompute import chunk_kv, extract_kv, prefix_cache
+from .kvcompute import chunk_kv, dense_kv, extract_kv, prefix_cache
 from .prompt import chunk_token_ids, suffix_token_ids
 from .runtime import Runtime
 from .sampling import next_token, top_logprobs
@@ -347,9 +347,9 @@ class RAGPipeline:
             return set()
         if not cfg.persist_documents:
             return {c.key for c in new}
-        per_token = kv_bytes_per_token(rt.lm.num_layers, rt.lm.num_kv_heads, rt.lm.head_dim, rt.kv_dtype)
-        granted = rt.store.kv.charge_documents(req.namespace, [len(c.token_ids) * per_token for c in new],
-                                               cfg.document_quota_bytes)
+        costs = [kv_entry_bytes(len(c.token_ids), rt.lm.num_layers, rt.lm.num_kv_heads, rt.lm.head_dim, cfg.kv_dtype)
+                 for c in new]
+        granted = rt.store.kv.charge_documents(req.namespace, costs, cfg.document_quota_bytes)
         refused = {c.key for c, ok in zip(new, granted) if not ok}
         if refused:
             log.info("namespace %r is over its document quota (%d bytes): %d document(s) not stored",
@@ -424,14 +424,16 @@ class RAGPipeline:
         scratch = prefix_cache(rt.lm, prefix_ids, len(prefix_ids) + max((len(c.token_ids) for c, _ in todo),
                                                                          default=0))
         fresh = []
+        # NOTE: placed as a store read would return them (int8: dequantized), so a hit and a miss answer alike.
         if rt.prefix_key() in failed:
             kv = extract_kv(scratch, 0, len(prefix_ids), rt.kv_dtype)
-            cache.k[:, :, :layout.prefix_len].copy_(kv[0])
-            cache.v[:, :, :layout.prefix_len].copy_(kv[1])
+            dense = dense_kv(kv)
+            cache.k[:, :, :layout.prefix_len].copy_(dense[0])
+            cache.v[:, :, :layout.prefix_len].copy_(dense[1])
             fresh.append((rt.prefix_key(), kv))
         for chunk, start in todo:
             kv = chunk_kv(rt.lm, scratch, len(prefix_ids), chunk.token_ids, rt.kv_dtype)
-            self._place(kv, start, layout, cache)
+            self._place(dense_kv(kv), start, layout, cache)
             fresh.append((chunk.key, kv))
         fresh = [(key, kv) for key, kv in fresh if key not in keep_out]
         try:

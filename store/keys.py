@@ -29,7 +29,7 @@ def chunk_key(
         model_fingerprint: identity of the model (architecture, weights, compute dtype).
         prefix_ids: token ids of the fixed prompt prefix the chunk was computed after.
         token_ids: the chunk's own token ids.
-        kv_dtype: storage dtype name, one of "float16", "bfloat16", "float32".
+        kv_dtype: storage dtype name, one of "float16", "bfloat16", "float32", "int8".
         namespace: tenant salt; "" means the shared cache. Separate namespaces never share entries, so one
             tenant cannot learn through timing which chunks another used.
         format_version: KV byte-format version the entry is written in.

@@ -20,7 +20,7 @@ import lmdb
 import numpy as np
 import torch
 
-from .codec import decode_kv, encode_kv, entry_sizes
+from .codec import QuantizedKV, decode_kv, encode_kv, entry_sizes
 from .errors import CorruptEntryError, DiskFullError, StoreError
 from .eviction import EntryStats, choose_victims
 from .lmdbfile import check_data_file
@@ -64,7 +64,8 @@ class KVReader:
 
         Returns:
             [2, layers, kv_heads, tokens, head_dim] tensor valid only inside the `with store.reader()` block
-            (copy it out, e.g. `dst.copy_(kv)`), or None if the key is not stored.
+            (copy it out, e.g. `dst.copy_(kv)`), or None if the key is not stored. An int8 entry comes back
+            dequantized into a new float32 tensor (not a view).
 
         Raises:
             CorruptEntryError: the stored bytes are damaged or from another format version.
@@ -204,8 +205,8 @@ class KVStore:
         Over `max_kv_bytes` afterwards, other chunks' KVs are evicted (never those just written).
 
         Args:
-            items: (key, kv [2, layers, kv_heads, tokens, head_dim], meta (JSON-serializable dict),
-                embedding float32 [dim] or None) per chunk.
+            items: (key, kv [2, layers, kv_heads, tokens, head_dim] (a tensor, or a QuantizedKV for int8),
+                meta (JSON-serializable dict), embedding float32 [dim] or None) per chunk.
 
         Returns:
             key -> int64 chunk id for every item (new ids are sequential; existing keys keep theirs).
@@ -370,7 +371,7 @@ class KVStore:
         Args:
             items: (key, kv [2, layers, kv_heads, tokens, head_dim]) per chunk; keys without metadata are skipped.
         """
-        encoded = [(key, encode_kv(kv), kv.numel() * kv.element_size(), kv.shape[3]) for key, kv in items]
+        encoded = [(key, buf, *_entry_sizes(buf)) for key, buf in ((key, encode_kv(kv)) for key, kv in items)]
         now = time.time()
 
         def write(txn: lmdb.Transaction) -> int:
@@ -845,8 +846,8 @@ def _unpack_item(item, index: int):
 
 def _encode_item(key: bytes, kv, emb) -> tuple[bytes, bytes | None, int, int, int]:
     """(kv bytes, embedding bytes or None, payload bytes, tokens, embedding dim) of one new chunk."""
-    if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[0] != 2:
-        shape = list(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
+    if not isinstance(kv, (torch.Tensor, QuantizedKV)) or kv.dim() != 5 or kv.shape[0] != 2:
+        shape = list(kv.shape) if isinstance(kv, (torch.Tensor, QuantizedKV)) else type(kv).__name__
         raise ValueError(
             f"chunk {key.hex()[:16]}: kv must be a tensor [2, layers, kv_heads, tokens, head_dim], got {shape}"
         )
@@ -858,7 +859,16 @@ def _encode_item(key: bytes, kv, emb) -> tuple[bytes, bytes | None, int, int, in
                 f"chunk {key.hex()[:16]}: embedding must be a finite float32 vector [dim], got shape {emb.shape}"
             )
         emb_bytes, dim = encode_emb(emb), emb.size
-    return encode_kv(kv), emb_bytes, kv.numel() * kv.element_size(), kv.shape[3], dim
+    kv_bytes = encode_kv(kv)
+    return kv_bytes, emb_bytes, *_entry_sizes(kv_bytes), dim
+
+
+def _entry_sizes(kv_bytes: bytes) -> tuple[int, int]:
+    """(payload bytes, tokens) of an entry just encoded."""
+    sizes = entry_sizes(kv_bytes)
+    if sizes is None:
+        raise ValueError("KV to store must be [2, layers, kv_heads, tokens, head_dim]")
+    return sizes
 
 
 def _meta_json(key: bytes, meta: dict, chunk_id: int) -> bytes:
