@@ -46,7 +46,7 @@ def markdown(result: dict, json_path: Path, image: str | None = None) -> str:
     for name, m in s.items():
         lines.append(f"| {name} | {m['recompute_fraction']:.1%} | {m['ttft_median_s']:.2f} s | {m['ttft_p90_s']:.2f} s "
                      f"| {m['speedup']:.2f}x | {m['speedup_median']:.2f}x | {_num(m['kl_mean'])} | "
-                     f"{_num(m['kl_first'])} | {m['top1']:.3f} | {m['f1_vs_full']:.3f} | {m['f1_gold']:.3f} |")
+                     f"{_num(m['kl_first'])} | {m['top1']:.3f} | {_f1(m['f1_vs_full'])} | {_f1(m['f1_gold'])} |")
     misses = sum(m["chunk_misses"] for n, m in s.items() if n != "full")
     dropped = sum(m["dropped_chunks"] for m in s.values())
     lines += ["",
@@ -57,6 +57,8 @@ def markdown(result: dict, json_path: Path, image: str | None = None) -> str:
               "alias). TTFT = retrieval + KV loading + prefill, all modes interleaved per question in one run; "
               f"speed-up = full's median TTFT / the mode's ({full['ttft_median_s']:.2f} s for full), and the "
               "median of per-question ratios. Recompute is the mean share of chunk tokens recomputed."
+              + ("" if c.get("free_running", True) else " This run was teacher-forced only (--forced-only): no "
+                 "mode but full decoded its own answer, so F1 is n/a.")
               + (f" Chunk misses during timed calls: {misses}." if misses else "")
               + (f" Chunks dropped to fit the context: {dropped}." if dropped else ""),
               "",
@@ -278,6 +280,10 @@ def _kind(path: Path) -> str | None:
     except (OSError, json.JSONDecodeError):
         return None
     return data.get("kind") if isinstance(data, dict) else None
+
+
+def _f1(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
 def _num(x: float) -> str:
