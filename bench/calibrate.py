@@ -48,6 +48,24 @@ class Sample:
     reference: torch.Tensor  # full's log-probs along the forced answer, fp32 [len(forced), vocab]
 
 
+# A differentiable copy of the Llama layer (the serving loop runs under inference_mode and drives
+# transformers' layers, which a gradient cannot pass through).
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lm):
+    """x: [n, hidden] -> q [q_heads, n, D], k [kv_heads, n, D] (both after RoPE), v [kv_heads, n, D]."""
+    from chunkcache.rope import apply_rope
+
+    n = x.shape[0]
+    q = attn.q_proj(x).view(n, lm.num_q_heads, lm.head_dim).transpose(0, 1)
+    k = attn.k_proj(x).view(n, lm.num_kv_heads, lm.head_dim).transpose(0, 1)
+    v = attn.v_proj(x).view(n, lm.num_kv_heads, lm.head_dim).transpose(0, 1)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3 normalizes q/k per head before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 def load_sample(pipe, q, ref: dict) -> Sample:
     req = pipe._request(q.question, None, list(q.documents), "reuse", None, 1, 0.0, 1.0, 0, None, None)
     prep = pipe._prepare(req)
@@ -68,14 +86,14 @@ def reuse_logprobs(lm, s: Sample, log_scale: torch.Tensor | None,
     a temperature T on the stale rows' logits (APE's other knob; explored here, not served).
     -> fp32 [len(forced), vocab].
     """
-    from chunkcache.forward import _project_qkv
-    from chunkcache.rope import rope_cos_sin
-
     model = lm.hf_model.model
+    if lm.config.model_type not in LLAMA_LAYOUT:
+        raise SystemExit(f"bench.calibrate fits on the Llama layer layout ({', '.join(LLAMA_LAYOUT)}), "
+                         f"not {lm.config.model_type!r}")
     n_ctx = s.ctx_k.shape[2]
     n = len(s.token_ids)
     positions = torch.arange(n_ctx, n_ctx + n)
-    cos, sin = rope_cos_sin(model.rotary_emb, positions, lm.dtype)
+    cos, sin = (t[0] for t in lm.parts.rotary_tables(positions, lm.dtype)[None])
     h = model.embed_tokens(s.token_ids)
     group = lm.num_q_heads // lm.num_kv_heads
     mask = torch.zeros(n, n_ctx + n)

@@ -39,7 +39,7 @@ def reference_path(root: Path, question_id: str) -> Path:
 def compute_reference(pipe, q: Question, max_new_tokens: int = 32) -> dict:
     """Full's answer, reference log-probs and the per-token oracle statistics of one question."""
     from bench.run import forced_ids
-    from chunkcache.rope import apply_rope, rope_cos_sin
+    from chunkcache.rope import apply_rope
 
     lm = pipe.rt.lm
     layers = lm.hf_model.model.layers
@@ -47,8 +47,9 @@ def compute_reference(pipe, q: Question, max_new_tokens: int = 32) -> dict:
 
     def hook(index):
         def keep_last_rows(_module, _inputs, output):
-            if index not in captured and output.shape[0] > 1:
-                captured[index] = output[-MAX_SUFFIX_ROWS:].detach().clone()
+            rows = output.reshape(-1, output.shape[-1])  # [tokens, q_heads * head_dim]
+            if index not in captured and rows.shape[0] > 1:
+                captured[index] = rows[-MAX_SUFFIX_ROWS:].detach().clone()
         return keep_last_rows
 
     handles = [layer.self_attn.q_proj.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -73,11 +74,12 @@ def compute_reference(pipe, q: Question, max_new_tokens: int = 32) -> dict:
     dv2 = (full_v - reuse.cache.v[:, :, :n_ctx].float()).pow(2).sum(-1)
 
     positions = torch.arange(layout.suffix_start, layout.num_tokens, device=lm.device)
-    cos, sin = rope_cos_sin(lm.hf_model.model.rotary_emb, positions, torch.float32)
+    tables = lm.parts.rotary_tables(positions, torch.float32)
     masses = []
     for index, layer in enumerate(layers):
         qs = captured[index][-ns:].float().view(ns, lm.num_q_heads, lm.head_dim).transpose(0, 1)
-        qs = apply_rope(qs, cos, sin)  # [q_heads, ns, D]
+        if lm.ropes[index].inv_freq is not None:
+            qs = apply_rope(qs, *(t[0] for t in tables[lm.parts.rope_keys[index]]))  # [q_heads, ns, D]
         keys = full.cache.k[index, :, :layout.num_tokens].float()
         keys = keys.repeat_interleave(lm.num_q_heads // lm.num_kv_heads, dim=0)
         scores = qs @ keys.transpose(1, 2) * layer.self_attn.scaling

@@ -172,9 +172,10 @@ def scatter_rows(dst: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> 
 
 def position_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, *, scale: float | None = None,
-    key_bias: torch.Tensor | None = None, bias_from: int = 0,
+    key_bias: torch.Tensor | None = None, bias_from: int = 0, window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of selected queries where query i sees exactly keys 0..q_pos[i].
+    """Attention of selected queries where query i sees exactly keys 0..q_pos[i] (or its window).
 
     Args:
         q: [q_heads, nq, head_dim].
@@ -187,6 +188,9 @@ def position_causal_attention(
             >= bias_from: log(S) multiplies a key's attention weight by S before renormalising (the
             APE-style scale on reused chunks, see chunkcache/blend.py). None: plain attention.
         bias_from: the first query position that takes key_bias.
+        window: sliding-window size; query i then sees keys q_pos[i] - window < j <= q_pos[i]
+            (Hugging Face's `sliding_window` convention). None: all earlier keys.
+        softcap: logits -> softcap * tanh(logits / softcap) (Gemma 2); always the torch path.
     Returns:
         [q_heads, nq, head_dim] in q.dtype; softmax in fp32.
     """
@@ -223,7 +227,10 @@ def position_causal_attention(
             raise ValueError(f"key_bias ({describe(key_bias)}) must be float32 [1 or q_heads={q_heads}, Nk >= "
                              f"{num_keys}]")
         require_same_device(q=q, key_bias=key_bias)
-    if backend.resolve(device) == "triton":
+    if window is not None and int(window) < 1:
+        raise ValueError(f"window must be a positive number of keys, got {window}")
+    if backend.resolve(device) == "triton" and softcap is None:
         return _launcher("attention.kernel", "position_causal_attention_triton")(
-            q, k, v, q_pos, scale, key_bias=key_bias, bias_from=bias_from)
-    return position_causal_attention_torch(q, k, v, q_pos, scale, key_bias=key_bias, bias_from=bias_from)
+            q, k, v, q_pos, scale, key_bias=key_bias, bias_from=bias_from, window=window)
+    return position_causal_attention_torch(q, k, v, q_pos, scale, key_bias=key_bias, bias_from=bias_from,
+                                           window=window, softcap=softcap)

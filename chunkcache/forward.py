@@ -1,10 +1,11 @@
 """One layer loop for every mode: full prefill, cached reuse, selective recompute and decoding.
 
 All modes run through `forward_tokens`, so their timings and outputs compare like for like. It
-drives the HF model's own modules (embeddings, norms, projections, MLP, rotary) layer by layer,
-which is what lets a subset of tokens continue past the check layer while the others keep their
-cached KV. Tensor work that differs from a plain forward (scatter into the request cache,
-position-causal attention, deviation) goes through `blend_kernels`.
+calls the Hugging Face model's own decoder layers one at a time (chunkcache/layers.py), which is
+what lets a subset of tokens continue past the check layer while the others keep their cached KV.
+A layer writes its K/V and attends through `RowPass`: rows go to their positions in the request
+cache, and each query sees exactly the rows at positions <= its own (within the layer's sliding
+window), with the chunk-scale bias. That tensor work goes through `blend_kernels`.
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from transformers import Cache
+
 from blend_kernels import position_causal_attention, scatter_rows
 
+from .layers import ROWS_KWARG
 from .models import LoadedModel
-from .rope import apply_rope, rope_cos_sin
 
 
 @dataclass
@@ -89,69 +92,151 @@ def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: torch.Tensor, pos
     layer c only the tokens `selector` keeps go on; the others keep their layer c+1.. K/V from the
     cache. token_ids, positions: int64 [n], positions strictly increasing.
     """
-    model = lm.hf_model.model
-    rotary = model.rotary_emb
-    positions = positions.to(lm.device)
-    h = model.embed_tokens(token_ids.to(lm.device))
-    cos, sin = rope_cos_sin(rotary, positions, lm.dtype)
-    contiguous_from_zero = positions[0].item() == 0 and positions[-1].item() == len(positions) - 1
+    rows = RowPass([Segment(cache, positions.to(lm.device))], probe_layer=narrow_at if selector else None)
+    h, info = _run_layers(lm, rows, token_ids, selector)
+    last = h[0] if all_logits else h[0, -1:]
+    logits = lm.parts.logits(last)
+    return ForwardResult(logits if all_logits else logits[0], rows.segments[0].positions, info)
+
+
+@torch.inference_mode()
+def forward_batch(lm: LoadedModel, requests: list[tuple[KVCache, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Several requests' tokens in one flattened pass: each (cache, token_ids [n_i], positions [n_i]) as
+    `forward_tokens` would compute it alone, with the projections and MLPs batched over all tokens and
+    attention per request over its own cache (and its own chunk-scale bias).
+    -> fp32 [len(requests), vocab]: each request's last-token logits.
+    """
+    segments = [Segment(cache, positions.to(lm.device)) for cache, _, positions in requests]
+    rows = RowPass(segments, probe_layer=None)
+    h, _ = _run_layers(lm, rows, torch.cat([ids for _, ids, _ in requests]), None)
+    return lm.parts.logits(h[0, [s.rows.stop - 1 for s in rows.segments]])
+
+
+def _run_layers(lm: LoadedModel, rows: RowPass, token_ids: torch.Tensor,
+                selector: Selector | None) -> tuple[torch.Tensor, dict]:
+    """Every decoder layer over the flattened tokens of `rows` -> (last hidden states [1, N, hidden], info)."""
+    parts = lm.parts
+    h = parts.embed(token_ids.to(lm.device))  # [1, N, hidden]
+    positions = rows.all_positions()
+    tables = parts.rotary_tables(positions, lm.dtype)
     info: dict = {}
-    for index, layer in enumerate(model.layers):
-        x = layer.input_layernorm(h)
-        q, k, v = _project_qkv(layer.self_attn, x, cos, sin, lm)
-        keep = None
-        if index == narrow_at and selector is not None:
-            probe = LayerProbe(index, positions, q, k, v, cache.k[index][:, positions], cache.v[index][:, positions],
-                               cache)
-            keep = selector(probe)
-        scatter_rows(cache.k[index], k, positions)
-        scatter_rows(cache.v[index], v, positions)
-        if cache.key_bias is not None:
-            cache.key_bias[index].index_fill_(1, positions, 0.0)  # a row computed here is no longer stale
-        attn = _attention(cache, index, q, positions, layer.self_attn.scaling, contiguous_from_zero)
-        h = h + layer.self_attn.o_proj(attn.transpose(0, 1).reshape(h.shape[0], -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        if keep is not None:
-            h, positions = h[keep], positions[keep]
-            cos, sin = cos[keep], sin[keep]
-            contiguous_from_zero = False
+    for index, layer in enumerate(parts.layers):
+        h = layer(h, attention_mask=None, position_ids=positions[None], cache=rows,
+                  position_embeddings=tables[parts.rope_keys[index]], **{ROWS_KWARG: rows})
+        if index == rows.probe_layer:
+            keep = selector(rows.probe)
+            h = h[:, keep]
+            tables = {key: (cos[:, keep], sin[:, keep]) for key, (cos, sin) in tables.items()}
+            rows.narrow(keep)
+            positions = rows.all_positions()
             info["selected"] = len(keep)
-    cache.length = max(cache.length, int(positions[-1].item()) + 1)
-    last = h if all_logits else h[-1:]
-    logits = lm.hf_model.lm_head(model.norm(last)).float()
-    return ForwardResult(logits if all_logits else logits[0], positions, info)
+    for segment in rows.segments:
+        segment.cache.length = max(segment.cache.length, segment.kv_len)
+    return h, info
+
+
+class Segment:
+    """One request's tokens in a flattened batch: they write and attend only its cache."""
+
+    def __init__(self, cache: KVCache, positions: torch.Tensor, start: int = 0):
+        self.cache = cache
+        self.set_positions(positions, start)
+
+    def set_positions(self, positions: torch.Tensor, start: int) -> None:
+        self.positions = positions  # int64 [n], strictly increasing
+        self.rows = slice(start, start + len(positions))  # where its tokens sit in the batch
+        self.kv_len = int(positions[-1].item()) + 1  # one host read; positions are sorted
+        self.contiguous_from_zero = positions[0].item() == 0 and self.kv_len == len(positions)
+
+
+class RowPass(Cache):
+    """One pass of the layers as transformers sees it: their cache and their attention.
+
+    The batch is flattened: segment i's tokens are rows `segments[i].rows` of every layer's input,
+    at their own positions in their own request cache. `update` writes a layer's new K/V rows at
+    those positions (clearing their chunk-scale bias: a row computed in a layer is fresh there);
+    `attend` runs each segment's attention over its cache's rows. At the probe layer (one segment)
+    it keeps what a selector needs.
+    """
+
+    def __init__(self, segments: list[Segment], probe_layer: int | None):
+        super().__init__(layers=[])
+        start = 0
+        for segment in segments:
+            segment.set_positions(segment.positions, start)
+            start = segment.rows.stop
+        if probe_layer is not None and len(segments) != 1:
+            raise ValueError("selective recompute narrows one request at a time")
+        self.segments = segments
+        self.probe_layer = probe_layer
+        self.probe: LayerProbe | None = None
+
+    def all_positions(self) -> torch.Tensor:
+        if len(self.segments) == 1:
+            return self.segments[0].positions
+        return torch.cat([s.positions for s in self.segments])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key/value_states: [1, kv_heads, N, D] for the tokens in flight. Returns the layer's rows of a lone
+        request, [1, kv_heads, kv_len, D] (what transformers expects; `attend` reads the caches itself)."""
+        for s in self.segments:
+            kv, k, v = s.cache, key_states[0, :, s.rows], value_states[0, :, s.rows]
+            if layer_idx == self.probe_layer:
+                self.probe = LayerProbe(layer_idx, s.positions, None, k, v, kv.k[layer_idx][:, s.positions],
+                                        kv.v[layer_idx][:, s.positions], kv)
+            scatter_rows(kv.k[layer_idx], k, s.positions)
+            scatter_rows(kv.v[layer_idx], v, s.positions)
+            if kv.key_bias is not None:
+                kv.key_bias[layer_idx].index_fill_(1, s.positions, 0.0)
+        if len(self.segments) > 1:
+            return key_states, value_states
+        s = self.segments[0]
+        return s.cache.k[layer_idx][None, :, :s.kv_len], s.cache.v[layer_idx][None, :, :s.kv_len]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, scale: float, window: int | None,
+               softcap: float | None) -> torch.Tensor:
+        """q: [1, q_heads, N, D] -> [1, N, q_heads, D]."""
+        if layer_idx == self.probe_layer:
+            self.probe.q = q[0]
+        outs = [_attention(s.cache, layer_idx, q[0, :, s.rows], s.positions, scale, s.contiguous_from_zero,
+                           s.kv_len, window, softcap) for s in self.segments]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out.transpose(0, 1)[None]
+
+    def narrow(self, keep: torch.Tensor) -> None:
+        """After the probe layer only the `keep` tokens (local indices, sorted) of the lone segment go on."""
+        self.segments[0].set_positions(self.segments[0].positions[keep], 0)
+
+    # What transformers may ask a Cache outside update(); the request caches answer.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(s.cache.length for s in self.segments)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return max(s.kv_len for s in self.segments), 0
 
 
 def _attention(cache: KVCache, index: int, q: torch.Tensor, positions: torch.Tensor, scale: float,
-               contiguous_from_zero: bool) -> torch.Tensor:
+               contiguous_from_zero: bool, kv_len: int, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
     """q: [q_heads, n, D] at `positions` over layer `index` of the cache -> [q_heads, n, D]."""
     bias = cache.key_bias[index] if cache.key_bias is not None else None
-    if bias is not None and int(positions[-1]) < cache.bias_from:
+    if bias is not None and kv_len - 1 < cache.bias_from:
         bias = None  # no query here takes the correction
-    if contiguous_from_zero and bias is None:
+    if window is not None and window >= kv_len:
+        window = None  # a window wider than the prompt is plain causal attention
+    if contiguous_from_zero and bias is None and window is None and softcap is None:
         # Plain causal prefill: no mask to build. The inputs must be 4-D: torch's CPU flash
         # kernel takes only [batch, heads, tokens, dim]; 3-D falls back to a math path ~9x slower.
         n = len(positions)
         return F.scaled_dot_product_attention(q[None], cache.k[index][None, :, :n], cache.v[index][None, :, :n],
                                               is_causal=True, scale=scale, enable_gqa=True)[0]
-    if len(positions) == 1:
-        # One query (a decode step) sees every key up to its own row: no causal mask at all.
-        kv_len = int(positions[0].item()) + 1
-        mask = bias[None, :, None, :kv_len].to(q.dtype) if bias is not None else None
-        return F.scaled_dot_product_attention(q[None], cache.k[index][None, :, :kv_len],
-                                              cache.v[index][None, :, :kv_len], attn_mask=mask, scale=scale,
+    if len(positions) == 1 and softcap is None:
+        # One query (a decode step) sees every key in its window up to its own row: no causal mask.
+        lo = 0 if window is None else kv_len - window
+        mask = bias[None, :, None, lo:kv_len].to(q.dtype) if bias is not None else None
+        return F.scaled_dot_product_attention(q[None], cache.k[index][None, :, lo:kv_len],
+                                              cache.v[index][None, :, lo:kv_len], attn_mask=mask, scale=scale,
                                               enable_gqa=True)[0]
-    kv_len = int(positions[-1].item()) + 1
     return position_causal_attention(q, cache.k[index][:, :kv_len], cache.v[index][:, :kv_len], positions,
-                                     scale=scale, key_bias=bias, bias_from=cache.bias_from)
-
-
-def _project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lm: LoadedModel):
-    """x: [n, hidden] -> q [q_heads, n, D], k [kv_heads, n, D] (both after RoPE), v [kv_heads, n, D]."""
-    n = x.shape[0]
-    q = attn.q_proj(x).view(n, lm.num_q_heads, lm.head_dim).transpose(0, 1)
-    k = attn.k_proj(x).view(n, lm.num_kv_heads, lm.head_dim).transpose(0, 1)
-    v = attn.v_proj(x).view(n, lm.num_kv_heads, lm.head_dim).transpose(0, 1)
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3 normalizes q/k per head before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+                                     scale=scale, key_bias=bias, bias_from=cache.bias_from, window=window,
+                                     softcap=softcap)

@@ -14,7 +14,6 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from blend_kernels import rerotate_keys
 from store import CorruptEntryError, StoreError
 
 from .accounting import cached_token_count, kv_entry_bytes
@@ -26,6 +25,7 @@ from .forward import KVCache, forward_tokens, new_cache
 from .ingest import IngestReport, PendingChunk, ensure_prefix, ingest_paths, store_chunks
 from .kvcompute import chunk_kv, dense_kv, extract_kv, prefix_cache
 from .prompt import chunk_token_ids, suffix_token_ids
+from .rope import rerotate_layers
 from .runtime import Runtime
 from .sampling import next_token, top_logprobs
 
@@ -411,7 +411,7 @@ class RAGPipeline:
         entry = entry.to(device, non_blocking=True)
         n = entry.shape[3]
         delta = torch.full((n,), start - layout.prefix_len, dtype=torch.long, device=device)
-        rerotate_keys(entry[0], delta, self.rt.lm.inv_freq, out=cache.k[:, :, start:start + n])
+        rerotate_layers(entry[0], delta, self.rt.lm.ropes, out=cache.k[:, :, start:start + n])
         cache.v[:, :, start:start + n].copy_(entry[1])
 
     def _recompute(self, placed: list[tuple[ChunkRef, int]], failed: set[bytes], layout: PromptLayout,

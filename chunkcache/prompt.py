@@ -36,12 +36,20 @@ def build_template(tokenizer, system_prompt: str, instruction: str) -> PromptTem
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:  # base models without a template: a plain layout
-        text = f"{system_prompt}\n\n{user}\n\nAnswer:"
+    else:  # base models without a template (Gemma 3 270M): a plain layout, opened by BOS where the
+        # tokenizer would add one, as the model saw in training
+        text = f"{_bos_text(tokenizer)}{system_prompt}\n\n{user}\n\nAnswer:"
     prefix_text, rest = text.split(_DOCS)
     head, tail = rest.split(_QUESTION)
     # The prefix is the store's own system prompt and instruction in the chat template: trusted.
     return PromptTemplate(tuple(encode_template(tokenizer, prefix_text)), head, tail)
+
+
+def _bos_text(tokenizer) -> str:
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and tokenizer.encode("x")[:1] == [tokenizer.bos_token_id]:
+        return bos
+    return ""
 
 
 def chunk_token_ids(tokenizer, chunk_text: str) -> list[int]:

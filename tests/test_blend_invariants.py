@@ -66,15 +66,15 @@ def test_rerotated_keys_equal_keys_computed_at_target(tiny_lm, a, b):
             out = model(ids, position_ids=torch.arange(start, start + 24)[None], use_cache=True)
         return torch.stack([layer.keys[0] for layer in out.past_key_values.layers])  # [L, H, T, D]
 
-    moved = rerotate_keys(keys_at(a), torch.full((24,), b - a), tiny_lm.inv_freq)
+    moved = rerotate_keys(keys_at(a), torch.full((24,), b - a), tiny_lm.ropes[0].inv_freq)
     torch.testing.assert_close(moved, keys_at(b), rtol=1e-4, atol=1e-4)
 
 
 def test_rerotation_composes(tiny_lm):
     keys = torch.randn(3, 2, 11, tiny_lm.head_dim)
     d1, d2 = torch.full((11,), 17), torch.full((11,), -5)
-    twice = rerotate_keys(rerotate_keys(keys, d1, tiny_lm.inv_freq), d2, tiny_lm.inv_freq)
-    once = rerotate_keys(keys, d1 + d2, tiny_lm.inv_freq)
+    twice = rerotate_keys(rerotate_keys(keys, d1, tiny_lm.ropes[0].inv_freq), d2, tiny_lm.ropes[0].inv_freq)
+    once = rerotate_keys(keys, d1 + d2, tiny_lm.ropes[0].inv_freq)
     torch.testing.assert_close(twice, once, rtol=1e-5, atol=1e-5)
 
 

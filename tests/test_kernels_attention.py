@@ -163,3 +163,49 @@ def test_key_bias_shape_is_checked():
     for bad in (torch.zeros(3, 10), torch.zeros(1, 9), torch.zeros(1, 10, dtype=torch.float16), torch.zeros(10)):
         with pytest.raises(ValueError, match="key_bias"):
             bk.position_causal_attention(q, k, v, pos, key_bias=bad)
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 200], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("num_queries", [1, 37, 150], ids=lambda n: f"nq{n}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliding_window_matches_reference(backend, dtype, num_queries, window):
+    """Mistral/Gemma sliding windows: query p sees keys p - window < j <= p; a window wider than
+    the prompt is plain causal. 150 queries make several torch blocks with their own key ranges."""
+    q, k, v, pos = make_inputs(6, 2, num_queries, 181, 16, dtype, seed=8)
+    bias = torch.randn(1, 181, generator=torch.Generator().manual_seed(9))
+    with bk.use_backend(backend):
+        got = bk.position_causal_attention(q, k, v, pos, window=window, key_bias=bias, bias_from=40)
+    assert_close(got, position_causal_attention_reference(q, k, v, pos, None, bias, 40, window), dtype)
+
+
+@needs_cpu_triton
+def test_triton_window_rows_that_see_nothing_in_the_first_block():
+    """Small tiles and a window narrower than a tile: some rows meet only masked keys in the block
+    the program starts at; they must not turn into NaN."""
+    from blend_kernels.attention.kernel import position_causal_attention_triton
+
+    q, k, v, pos = make_inputs(2, 2, 40, 120, 16, torch.float32, seed=10)
+    got = position_causal_attention_triton(q, k, v, pos, 0.25, window=3, block_m=16, block_n=16)
+    assert torch.isfinite(got).all()
+    assert_close(got, position_causal_attention_reference(q, k, v, pos, 0.25, window=3), torch.float32)
+
+
+def test_window_mask_is_exact():
+    from blend_kernels.attention.reference import position_causal_mask
+
+    mask = position_causal_mask(torch.tensor([0, 4, 9]), 10, window=3)
+    assert mask.nonzero().tolist() == [[0, 0], [1, 2], [1, 3], [1, 4], [2, 7], [2, 8], [2, 9]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_matches_reference(backend):
+    q, k, v, pos = make_inputs(6, 2, 30, 64, 16, torch.float32, seed=11)
+    q = q * 8  # logits large enough for the cap to matter
+    bias = torch.randn(1, 80, generator=torch.Generator().manual_seed(12))  # wider than the keys, as a cache's is
+    with bk.use_backend(backend):
+        got = bk.position_causal_attention(q, k, v, pos, softcap=5.0, key_bias=bias, bias_from=10)
+    expected = position_causal_attention_reference(q, k, v, pos, softcap=5.0, key_bias=bias[:, :64], bias_from=10)
+    assert_close(got, expected, torch.float32)
+    uncapped = position_causal_attention_reference(q, k, v, pos, key_bias=bias[:, :64], bias_from=10)
+    assert (expected - uncapped).abs().max() > 1e-2

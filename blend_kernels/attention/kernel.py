@@ -20,14 +20,14 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _position_causal_attention_kernel(
     Q, K, V, O, ORDER, POS, BIAS,
-    num_queries, num_keys, head_dim, group, qk_scale, bias_from,
+    num_queries, num_keys, head_dim, group, qk_scale, bias_from, window,
     sqh, sqn, sqd,
     skh, skn, skd,
     svh, svn, svd,
     soh, son, sod,
     sbh, sbn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     # Blocks with the latest positions have the most keys: start them first to balance the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -56,9 +56,13 @@ def _position_causal_attention_kernel(
     if HAS_BIAS:
         b_base = BIAS + head * sbh
         takes_bias = pos[:, None] >= bias_from
-    # Key 0 is visible to every row, so after the first block m_i is finite and alpha never NaN.
     hi = tl.max(pos, axis=0) + 1
-    for start_n in range(0, hi, BLOCK_N):
+    lo = 0
+    if HAS_WINDOW:
+        # Keys before the earliest real row's window are never seen by this block.
+        lo = tl.maximum(tl.min(tl.where(m_ok, pos, hi - 1), axis=0) - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < num_keys
         k = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn + offs_d[:, None] * skd,
@@ -73,10 +77,16 @@ def _position_causal_attention_kernel(
             # The per-key log scale, in the kernel's base-2 logits.
             b = tl.load(b_base + offs_n.to(tl.int64) * sbn, mask=n_ok, other=0.0)
             s = s + tl.where(takes_bias, b[None, :] * 1.4426950408889634, 0.0)  # LOG2E
-        s = tl.where(offs_n[None, :] <= pos[:, None], s, float("-inf"))
+        visible = offs_n[None, :] <= pos[:, None]
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # A row that has seen no visible key yet (its window starts in a later block) keeps
+        # m = -inf; subtracting 0 instead keeps alpha and p at 0 rather than NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -102,12 +112,13 @@ def _block_sizes(block_d: int, element_size: int) -> tuple[int, int, int, int]:
 
 def position_causal_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,
-    *, key_bias: torch.Tensor | None = None, bias_from: int = 0,
+    *, key_bias: torch.Tensor | None = None, bias_from: int = 0, window: int | None = None,
     block_m: int | None = None, block_n: int | None = None,
 ) -> torch.Tensor:
     """q: [q_heads, nq, head_dim]; k, v: [kv_heads, Nk, head_dim] (any strides); q_pos: int [nq],
     each in [0, Nk) (checked by the caller); key_bias: fp32 [1 or q_heads, Nk], added to the logits
-    of queries at positions >= bias_from -> [q_heads, nq, head_dim] in q.dtype."""
+    of queries at positions >= bias_from; window: a query at p sees keys p - window < j <= p
+    -> [q_heads, nq, head_dim] in q.dtype."""
     require_launchable(_position_causal_attention_kernel, q=q, k=k, v=v, q_pos=q_pos)
     q_heads, num_queries, head_dim = q.shape
     kv_heads, num_keys, _ = k.shape
@@ -132,10 +143,10 @@ def position_causal_attention_triton(
     bias_strides = ((0 if key_bias.shape[0] == 1 else key_bias.stride(0)), key_bias.stride(1)) if has_bias else (0, 0)
     _position_causal_attention_kernel[grid](
         q, k, v, out, order, pos_sorted.to(torch.int32), bias,
-        num_queries, num_keys, head_dim, q_heads // kv_heads, scale * LOG2E, int(bias_from),
+        num_queries, num_keys, head_dim, q_heads // kv_heads, scale * LOG2E, int(bias_from), int(window or 0),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=upcast, PRECISION=precision, HAS_BIAS=has_bias,
+        UPCAST=upcast, PRECISION=precision, HAS_BIAS=has_bias, HAS_WINDOW=window is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
