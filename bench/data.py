@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "musique_dev.jsonl"
+DEFAULT_DATA = REPO_ROOT / "bench" / "data" / "musique_dev.jsonl"  # CC BY 4.0, see bench/data/README.md
 
 
 @dataclass(frozen=True)

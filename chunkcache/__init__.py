@@ -1,6 +1,13 @@
 """chunkcache: precomputed chunk KV caches for RAG, reused at any position with selective recompute."""
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("chunkcache")
+except PackageNotFoundError:  # run from a checkout without installing
+    __version__ = "0+unknown"
+
 from .answer import Answer, CacheStats, Source, Timings
 from .config import ChunkCacheConfig
 from .pipeline import QueryError, RAGPipeline
 
-__all__ = ["Answer", "CacheStats", "ChunkCacheConfig", "QueryError", "RAGPipeline", "Source", "Timings"]
+__all__ = ["__version__", "Answer", "CacheStats", "ChunkCacheConfig", "QueryError", "RAGPipeline", "Source", "Timings"]

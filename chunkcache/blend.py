@@ -97,6 +97,20 @@ def num_to_select(layout: PromptLayout, ratio: float) -> int:
     return int(round(ratio * layout.num_chunk_tokens))
 
 
+def prior_positions(layout: PromptLayout, ratio: float, prior: torch.Tensor) -> torch.Tensor:
+    """The "probe" selection, decided before layer 0: the top `ratio` of chunk tokens by the attention the
+    question paid them over every layer of a reuse pass (`prior`: fp32 [>= prompt tokens], by position),
+    then the suffix -> int64 positions, increasing.
+
+    No check layer is needed: layer 0 sees only a token and its position, so the tokens left out keep a
+    layer-0 KV that is already right, and the chosen ones are computed from layer 0 on.
+    """
+    candidates = initial_positions("blend", layout)
+    is_suffix = candidates >= layout.suffix_start
+    scores = prior.to(candidates.device)[candidates].float().masked_fill(is_suffix, 0.0)
+    return candidates[select_tokens(scores, num_to_select(layout, ratio), always=is_suffix)]
+
+
 def blend_selector(layout: PromptLayout, ratio: float, *, deviation: str = "value",
                    selection: str = "deviation", scores: torch.Tensor | None = None) -> Selector:
     """Selector for the check layer: top `ratio` of chunk tokens by score, plus every suffix token.
@@ -106,8 +120,11 @@ def blend_selector(layout: PromptLayout, ratio: float, *, deviation: str = "valu
     "hybrid" (half the budget each, query first), or "impact" (attention mass times the L2
     deviation: a first-order bound on how much a token's stale KV moves the question's
     attention output, sum_j a_j * ||v_j - v'_j||). `scores` (fp32 [prompt tokens], by position)
-    overrides `selection`: benchmark oracles pass what only full prefill knows.
+    overrides `selection`: benchmark oracles pass what only full prefill knows. ("probe" selects
+    before layer 0 instead: `prior_positions`.)
     """
+    if selection == "probe" and scores is None:
+        raise ValueError("selection 'probe' is decided before layer 0 (prior_positions), not at a check layer")
     budget = num_to_select(layout, ratio)
 
     def select(probe: LayerProbe) -> torch.Tensor:
@@ -122,8 +139,14 @@ def blend_selector(layout: PromptLayout, ratio: float, *, deviation: str = "valu
         if selection == "query":
             return select_tokens(query, budget, always=is_suffix)
         if selection == "impact":
-            return select_tokens(query * chunk_deviation(probe, deviation, is_suffix).sqrt(), budget,
-                                 always=is_suffix)
+            if probe.layer == 0:
+                # Layer 0 sees only a token and its position: a reused token's fresh layer-0 KV equals
+                # its cached one up to storage rounding (exactly, for float32 stores), so there is no
+                # deviation to weigh; the value's norm bounds the token's share of the output instead.
+                magnitude = probe.fresh_v.float().norm(dim=-1).sum(0).masked_fill(is_suffix, 0.0)
+            else:
+                magnitude = chunk_deviation(probe, deviation, is_suffix).sqrt()
+            return select_tokens(query * magnitude, budget, always=is_suffix)
         if selection == "hybrid":
             first = select_tokens(query, budget // 2, always=is_suffix)
             taken = torch.zeros_like(is_suffix)

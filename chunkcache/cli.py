@@ -22,9 +22,11 @@ DEFAULT_STORE = os.environ.get("CHUNKCACHE_STORE", "stores/default")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark has its own flags: chunkcache bench --help
-        from bench.run import main as bench_main
+        # bench/ lives beside the package in the checkout and uses it; run it as its own program so
+        # that nothing in chunkcache imports it.
+        import subprocess
 
-        return bench_main(argv[1:])
+        return subprocess.call([sys.executable, "-m", "bench.run", *argv[1:]])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -44,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="chunkcache", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"chunkcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="chunk, embed and precompute KV caches for files and directories",
@@ -124,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    dest="persist_documents", help="never store request `documents`: compute their KV per request")
     p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 2 MiB)")
     p.add_argument("--model-name", default=None, help="model id shown by /v1/models")
+    p.add_argument("--cors-origin", action="append", dest="cors_origins", metavar="ORIGIN",
+                   help="let browser pages from ORIGIN call the API (repeatable; '*' for any origin)")
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -327,7 +334,7 @@ def cmd_serve(args) -> int:
     # The server opens the store in the background; refuse a damaged one here, with exit code 1.
     check_data_file(Path(args.store) / "kv.lmdb" / "data.mdb")
 
-    serve(args)
+    serve(args, lambda: open_pipeline(args))
     return 0
 
 

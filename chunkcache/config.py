@@ -12,7 +12,7 @@ from pathlib import Path
 
 MODES = ("full", "reuse", "blend", "epic")
 DEVIATIONS = ("key", "value")
-SELECTIONS = ("deviation", "query", "hybrid", "impact")
+SELECTIONS = ("deviation", "query", "hybrid", "impact", "probe")
 CHUNK_SCALES = ("calibrated", "off")  # or one number S for every layer and head
 SCALE_QUERIES = ("all", "question")
 MAX_CHUNK_SCALE = 4.0

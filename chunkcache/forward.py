@@ -84,16 +84,21 @@ class ForwardResult:
 @torch.inference_mode()
 def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: torch.Tensor, positions: torch.Tensor, *,
                    narrow_at: int | None = None, selector: Selector | None = None,
-                   all_logits: bool = False) -> ForwardResult:
+                   all_logits: bool = False, attention_mass: bool = False) -> ForwardResult:
     """Compute `token_ids` at `positions` through every layer, writing their K/V into `cache`.
 
     Rows of `cache` at other positions must already hold valid K/V (cached or computed earlier);
     each query attends exactly to the keys at positions <= its own. With `narrow_at=c`, after
     layer c only the tokens `selector` keeps go on; the others keep their layer c+1.. K/V from the
-    cache. token_ids, positions: int64 [n], positions strictly increasing.
+    cache. With `attention_mass`, info["attention_mass"] is the attention these queries paid to
+    each key position, summed over layers, heads and queries (fp32 [kv_len]; for a few queries).
+    token_ids, positions: int64 [n], positions strictly increasing.
     """
-    rows = RowPass([Segment(cache, positions.to(lm.device))], probe_layer=narrow_at if selector else None)
+    rows = RowPass([Segment(cache, positions.to(lm.device))], probe_layer=narrow_at if selector else None,
+                   attention_mass=attention_mass)
     h, info = _run_layers(lm, rows, token_ids, selector)
+    if attention_mass:
+        info["attention_mass"] = rows.mass
     last = h[0] if all_logits else h[0, -1:]
     logits = lm.parts.logits(last)
     return ForwardResult(logits if all_logits else logits[0], rows.segments[0].positions, info)
@@ -159,7 +164,7 @@ class RowPass(Cache):
     it keeps what a selector needs.
     """
 
-    def __init__(self, segments: list[Segment], probe_layer: int | None):
+    def __init__(self, segments: list[Segment], probe_layer: int | None, attention_mass: bool = False):
         super().__init__(layers=[])
         start = 0
         for segment in segments:
@@ -170,6 +175,10 @@ class RowPass(Cache):
         self.segments = segments
         self.probe_layer = probe_layer
         self.probe: LayerProbe | None = None
+        if attention_mass and len(segments) != 1:
+            raise ValueError("attention mass is collected for one request at a time")
+        self.mass = torch.zeros(segments[0].kv_len, dtype=torch.float32, device=segments[0].positions.device) \
+            if attention_mass else None
 
     def all_positions(self) -> torch.Tensor:
         if len(self.segments) == 1:
@@ -198,6 +207,10 @@ class RowPass(Cache):
         """q: [1, q_heads, N, D] -> [1, N, q_heads, D]."""
         if layer_idx == self.probe_layer:
             self.probe.q = q[0]
+        if self.mass is not None:
+            s = self.segments[0]
+            self.mass += attention_weights(s.cache, layer_idx, q[0], s.positions, scale, s.kv_len, window,
+                                           softcap).sum(dim=(0, 1))
         outs = [_attention(s.cache, layer_idx, q[0, :, s.rows], s.positions, scale, s.contiguous_from_zero,
                            s.kv_len, window, softcap) for s in self.segments]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
@@ -240,3 +253,20 @@ def _attention(cache: KVCache, index: int, q: torch.Tensor, positions: torch.Ten
     return position_causal_attention(q, cache.k[index][:, :kv_len], cache.v[index][:, :kv_len], positions,
                                      scale=scale, key_bias=bias, bias_from=cache.bias_from, window=window,
                                      softcap=softcap)
+
+
+def attention_weights(cache: KVCache, index: int, q: torch.Tensor, positions: torch.Tensor, scale: float,
+                      kv_len: int, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """The attention probabilities of a few queries over layer `index` of the cache, explicitly, as
+    `_attention` weighs them (mask, window, cap, chunk-scale bias): q [q_heads, n, D] -> fp32 [q_heads, n, kv_len]."""
+    from blend_kernels.attention.reference import position_causal_mask
+
+    keys = cache.k[index][:, :kv_len].float().repeat_interleave(q.shape[0] // cache.k.shape[1], dim=0)
+    scores = (q.float() @ keys.transpose(1, 2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if cache.key_bias is not None:
+        takes = (positions >= cache.bias_from).float()[None, :, None]
+        scores = scores + cache.key_bias[index][:, None, :kv_len] * takes
+    visible = position_causal_mask(positions, kv_len, window)
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)

@@ -18,7 +18,7 @@ from store import CorruptEntryError, StoreError
 
 from .accounting import cached_token_count, kv_entry_bytes
 from .answer import Answer, CacheStats, Source, Timings
-from .blend import PromptLayout, blend_selector, chunk_key_bias, initial_positions
+from .blend import PromptLayout, blend_selector, chunk_key_bias, initial_positions, prior_positions
 from .calibration import load_chunk_log_scale
 from .config import MODES, ChunkCacheConfig, check_ratio
 from .forward import KVCache, forward_tokens, new_cache
@@ -447,15 +447,18 @@ class RAGPipeline:
                  stats: CacheStats, read: tuple[bool, Sequence[bool]] = (True, ())) -> torch.Tensor:
         """`read`: whether the prefix's and each chunk's KV was read from the store (for cached_tokens)."""
         positions = initial_positions(req.mode, layout, self.config.epic_tokens)
-        narrow_at, selector = None, None
-        if req.mode == "blend" and req.check_layer < self.rt.lm.num_layers - 1:
-            narrow_at = req.check_layer
-            selector = blend_selector(layout, req.recompute_ratio, deviation=req.deviation, selection=req.selection,
-                                      scores=req.selection_scores)
         log_scale = self._chunk_log_scale(req.chunk_scale) if req.mode != "full" else None
         if log_scale is not None:
             cache.key_bias = chunk_key_bias(layout, log_scale, cache.capacity)
             cache.bias_from = layout.suffix_start if req.scale_queries == "question" else 0
+        narrow_at, selector = None, None
+        if req.mode == "blend" and req.selection == "probe" and req.selection_scores is None:
+            prior = _question_attention_prior(self.rt.lm, cache, prompt_ids, layout)
+            positions = prior_positions(layout, req.recompute_ratio, prior)
+        elif req.mode == "blend" and req.check_layer < self.rt.lm.num_layers - 1:
+            narrow_at = req.check_layer
+            selector = blend_selector(layout, req.recompute_ratio, deviation=req.deviation, selection=req.selection,
+                                      scores=req.selection_scores)
         result = forward_tokens(self.rt.lm, cache, prompt_ids[positions], positions, narrow_at=narrow_at,
                                 selector=selector)
         stats.prompt_tokens = layout.num_tokens
@@ -541,3 +544,14 @@ def _meta_or_none(reader, key: bytes | None) -> dict | None:
     except CorruptEntryError as exc:
         log.warning("%s; leaving the chunk out of this answer", exc)
         return None
+
+
+def _question_attention_prior(lm, cache: KVCache, prompt_ids: torch.Tensor, layout: PromptLayout) -> torch.Tensor:
+    """The "probe" selection's prior: a reuse pass of the question alone over the placed chunks (their
+    cached KV, chunk scale included), returning the attention it paid each position over every layer
+    (fp32 [prompt tokens]). Full prefill's question attention, summed over layers, is what the output
+    oracle weighs tokens by (docs/FIDELITY.md); this pass approximates it for the cost of reuse.
+    The suffix rows it writes are recomputed by the blend pass that follows."""
+    positions = torch.arange(layout.suffix_start, layout.num_tokens)
+    return forward_tokens(lm, cache, prompt_ids[positions], positions, attention_mass=True).info["attention_mass"]
+

@@ -220,3 +220,63 @@ def _score_with_log_scale(pipe, docs, mode, ratio, log_scale):
         return pipe.score(QUESTION, FORCED, documents=docs, mode=mode, chunk_scale=0.5, **kwargs)
     finally:
         pipe._chunk_log_scale = original
+
+
+# -- the "probe" selection: question attention from a reuse pass, over every layer -----------------------------
+
+def test_attention_mass_is_what_the_queries_paid(tiny_lm):
+    """Each query's attention sums to 1 per layer and head; none of it goes to a later key."""
+    ids = torch.randint(0, tiny_lm.config.vocab_size, (36,), generator=torch.Generator().manual_seed(8))
+    cache = new_cache(tiny_lm, 40)
+    forward_tokens(tiny_lm, cache, ids[:30], torch.arange(30))
+    result = forward_tokens(tiny_lm, cache, ids[30:34], torch.arange(30, 34), attention_mass=True)
+    mass = result.info["attention_mass"]
+    assert mass.shape == (34,)
+    torch.testing.assert_close(mass.sum(), torch.tensor(float(tiny_lm.num_layers * tiny_lm.num_q_heads * 4)))
+    assert (mass[:30] > 0).all() and mass[33] < mass[:33].max()  # only the last query sees the last key
+
+
+def test_probe_selection_ratio_one_equals_full_and_keeps_its_budget(tiny_pipe, docs):
+    full, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="full")
+    one, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="blend", recompute_ratio=1.0, selection="probe")
+    torch.testing.assert_close(one, full, rtol=1e-4, atol=1e-4)
+    part, stats = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="blend", recompute_ratio=0.3,
+                                  selection="probe")
+    assert abs(stats.recompute_fraction - 0.3) < 0.05
+    impact, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="blend", recompute_ratio=0.3,
+                                selection="impact")
+    assert not torch.equal(part, impact)  # a different set of tokens: the prior is not the check layer's
+
+
+def test_probe_selection_is_decided_before_layer_zero():
+    from chunkcache.blend import blend_selector, prior_positions
+
+    layout = PromptLayout(prefix_len=3, chunk_lens=(4, 5), suffix_len=2)  # chunk 2 at 7..11, suffix 12..13
+    prior = torch.zeros(14)
+    prior[[9, 4, 13]] = torch.tensor([5.0, 9.0, 1.0])  # 4 sits in the exact first chunk: not a candidate
+    assert prior_positions(layout, 0.12, prior).tolist() == [9, 12, 13]  # 1 of 9 chunk tokens, then the suffix
+    with pytest.raises(ValueError, match="before layer 0"):
+        blend_selector(layout, 0.2, selection="probe")
+
+
+def test_impact_at_layer_zero_is_not_degenerate_with_float32_stores(tiny_pipe, docs):
+    """Layer 0's fresh KV equals the cached one exactly in a float32 store: impact weighs value norms there,
+    so it does not fall back to the first tokens in prompt order."""
+    seen = []
+    import chunkcache.blend as blend
+
+    original = blend.select_tokens
+
+    def spy(scores, budget, always):
+        picked = original(scores, budget, always)
+        seen.append(picked)
+        return picked
+
+    blend.select_tokens = spy
+    try:
+        tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="blend", recompute_ratio=0.3, selection="impact",
+                        check_layer=0)
+    finally:
+        blend.select_tokens = original
+    chosen = seen[0][:-1]
+    assert not torch.equal(chosen[:10], torch.arange(10))

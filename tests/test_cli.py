@@ -60,3 +60,12 @@ def test_serve_flags_translate_into_settings():
     settings = ServerSettings.from_args(args, {})
     assert settings.admin_key == "adm" and settings.api_keys == {"k": "team"} and settings.metrics_need_admin
     assert overrides_from(build_parser().parse_args(["serve"]), ("document_quota_bytes", "persist_documents")) == {}
+
+
+def test_version_flag(capsys):
+    from chunkcache import __version__
+    from chunkcache.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"chunkcache {__version__}"

@@ -672,7 +672,7 @@ def test_openapi_schema_states_the_bounds(client):
     assert schema["paths"]["/query"]["post"]["responses"]["422"]
 
 
-# -- serve(args): the CLI's entry point -------------------------------------------------------------------
+# -- serve(args, open_pipeline): the CLI's entry point -------------------------------------------------------------------
 class ServeArgs:
     store, host, port = "unused", "0.0.0.0", 0
 
@@ -685,11 +685,9 @@ def fake_uvicorn_run(monkeypatch, body):
 
 
 def test_serve_builds_the_pipeline_at_startup_with_env_keys(monkeypatch, caplog):
-    from chunkcache import cli
     from chunkcache.server import serve
 
     pipe = FakePipeline()
-    monkeypatch.setattr(cli, "open_pipeline", lambda args: pipe)
     monkeypatch.setenv("CHUNKCACHE_API_KEYS", "env-key:team")
     seen = {}
 
@@ -704,19 +702,17 @@ def test_serve_builds_the_pipeline_at_startup_with_env_keys(monkeypatch, caplog)
 
     fake_uvicorn_run(monkeypatch, run)
     with caplog.at_level(logging.WARNING, "chunkcache.server"):
-        serve(ServeArgs())
+        serve(ServeArgs(), lambda: pipe)
     assert seen == {"no_key": 401, "key": 200} and pipe.closed
     assert "without API keys" not in caplog.text
 
 
 def test_serve_warns_without_keys_off_loopback_and_stops_when_loading_fails(monkeypatch, caplog):
-    from chunkcache import cli
     from chunkcache.server import serve
 
-    def broken(args):
+    def broken():
         raise OSError("weights missing")
 
-    monkeypatch.setattr(cli, "open_pipeline", broken)
     monkeypatch.delenv("CHUNKCACHE_API_KEYS", raising=False)
 
     def run(server):
@@ -728,5 +724,38 @@ def test_serve_warns_without_keys_off_loopback_and_stops_when_loading_fails(monk
 
     fake_uvicorn_run(monkeypatch, run)
     with caplog.at_level(logging.WARNING, "chunkcache.server"), pytest.raises(RuntimeError, match="failed to load"):
-        serve(ServeArgs())
+        serve(ServeArgs(), broken)
     assert "without API keys" in caplog.text and "weights missing" in caplog.text
+
+
+# -- request ids, CORS, health alias, version, model card -------------------------------------------------
+def test_every_response_carries_a_request_id(client, caplog):
+    with caplog.at_level(logging.INFO, "chunkcache.server"):
+        mine = client.get("/healthz", headers={"X-Request-Id": "trace-42.a"})
+        made = client.get("/healthz")
+        bad = client.get("/healthz", headers={"X-Request-Id": "no spaces\tor tabs"})
+        error = client.post("/query", json={"question": ""})
+    assert mine.headers["x-request-id"] == "trace-42.a"
+    assert len(made.headers["x-request-id"]) == 32 and bad.headers["x-request-id"] != "no spaces\tor tabs"
+    assert error.status_code == 422 and error.headers["x-request-id"]
+    assert "request trace-42.a GET /healthz -> 200" in caplog.text
+
+
+def test_cors_is_off_by_default_and_answers_the_configured_origins(store_pipe):
+    plain = TestClient(create_app(store_pipe)).get("/healthz", headers={"Origin": "https://app.example"})
+    assert "access-control-allow-origin" not in plain.headers
+    with TestClient(create_app(store_pipe, ServerSettings(cors_origins=("https://app.example",)))) as c:
+        ok = c.options("/query", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                                           "Access-Control-Request-Headers": "authorization,content-type"})
+        other = c.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_health_alias_version_and_context_length(client):
+    from chunkcache import __version__
+
+    assert client.get("/health").json() == client.get("/healthz").json()
+    assert client.get("/version").json() == {"version": __version__} and __version__ != "0+unknown"
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["max_model_len"] == 2048  # the tiny model's max_position_embeddings

@@ -19,7 +19,9 @@ FUZZ_LIMITS = Limits(max_question_chars=200, max_new_tokens=4, max_top_k=4, max_
 KEY = "fuzz-key"
 # (method, path, examples per generation mode): the model-running operations get the most.
 OPERATIONS = [("POST", "/query", 40), ("POST", "/v1/chat/completions", 60), ("GET", "/v1/models", 5),
-              ("GET", "/v1/models/{model}", 10), ("GET", "/healthz", 3), ("GET", "/metrics", 3)]
+              ("GET", "/v1/models/{model}", 10), ("GET", "/healthz", 3), ("GET", "/health", 3), ("GET", "/version", 3),
+              ("GET", "/metrics", 3)]
+PARAMETERLESS = ("/healthz", "/health", "/version")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_every_operation_is_fuzzed(fuzz_schema):
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
 @pytest.mark.parametrize("method, path, examples", OPERATIONS, ids=lambda v: str(v).strip("/"))
 def test_no_request_gets_a_5xx(fuzz_schema, method, path, examples, mode):
-    if mode == GenerationMode.NEGATIVE and path == "/healthz":
+    if mode == GenerationMode.NEGATIVE and path in PARAMETERLESS:
         pytest.skip("no parameters or credentials to make invalid")
     operation = fuzz_schema[path][method]
 

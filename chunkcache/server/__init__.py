@@ -1,4 +1,4 @@
-"""chunkcache's HTTP API: `create_app(pipeline, settings)` for embedding and tests, `serve(args)` for the CLI.
+"""chunkcache's HTTP API: `create_app(pipeline, settings)` for embedding and tests, `serve(args, open_pipeline)` for the CLI.
 
     from chunkcache import RAGPipeline
     from chunkcache.server import ServerSettings, create_app

@@ -23,12 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from store import DiskFullError
 
+from .. import __version__
 from ..answer import Answer
 from ..pipeline import QueryError, RequestCancelled
 from .auth import Authenticator, Caller
 from .bridge import Admission, iterate_in_thread
 from .metrics import Metrics, NoMetrics
-from .middleware import BodyLimit, RequestMetrics
+from .middleware import BodyLimit, RequestId, RequestMetrics
 from .openai_format import Completion, logprobs as openai_logprobs
 from .schemas import ErrorBody, request_models
 from .settings import ServerSettings
@@ -111,7 +112,7 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
     # NOTE: with keys, the schema is served only to a key holder, and the interactive pages are off: a
     # browser loading /docs cannot send the bearer key its page would need to fetch the schema.
     docs_open = not settings.auth_enabled
-    app = FastAPI(title="chunkcache", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="chunkcache", version=__version__, lifespan=lifespan,
                   openapi_url="/openapi.json" if docs_open else None, docs_url="/docs" if docs_open else None,
                   redoc_url="/redoc" if docs_open else None,
                   description="Retrieval-augmented answers from precomputed chunk KV caches "
@@ -119,9 +120,17 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
     app.state.service = service
     app.state.metrics = metrics
     app.state.on_load_failure = lambda: None
-    # Outermost first: metrics see every status, 413s from the body limit included.
+    # Each add wraps the ones before: metrics see every status, 413s from the body limit included;
+    # CORS headers and the request id go on every response, errors included.
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestId)
     _add_error_handlers(app)
 
     bearer = HTTPBearer(auto_error=False, description="an API key (when the server has keys configured)")
@@ -235,12 +244,18 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
             raise ApiError(404, f"model {model!r} not found; this server serves {card['id']!r}", "model_not_found")
         return card
 
+    @app.get("/health", responses={503: {"description": "loading, or failed to load"}})
     @app.get("/healthz", responses={503: {"description": "loading, or failed to load"}})
     async def healthz():
         """200 once the model is loaded; 503 before (or if loading failed)."""
         if service.pipeline is not None:
             return {"status": "ok", "model": _model_identity(service.pipeline, settings)[0]}
         return JSONResponse({"status": "failed" if service.failed else "loading"}, status_code=503)
+
+    @app.get("/version")
+    async def version():
+        """chunkcache's version (no key needed: it reveals nothing about the store or its tenants)."""
+        return {"version": __version__}
 
     def admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if not settings.metrics_need_admin:
@@ -370,7 +385,13 @@ def _model_identity(pipe, settings: ServerSettings) -> tuple[str, str | None]:
 
 
 def _model_card(pipe, settings: ServerSettings) -> dict:
-    return {"id": _model_identity(pipe, settings)[0], "object": "model", "created": 0, "owned_by": "chunkcache"}
+    """OpenAI's model object, plus the context length under vLLM's name (clients such as LlamaIndex read
+    it instead of guessing)."""
+    card = {"id": _model_identity(pipe, settings)[0], "object": "model", "created": 0, "owned_by": "chunkcache"}
+    lm = getattr(getattr(pipe, "rt", None), "lm", None)
+    if lm is not None:
+        card["max_model_len"] = lm.max_context
+    return card
 
 
 def _sse(event: str, data: dict) -> str:

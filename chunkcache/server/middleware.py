@@ -1,12 +1,20 @@
-"""ASGI middleware: the request body size limit and per-request metrics."""
+"""ASGI middleware: the request body size limit, per-request metrics and request ids."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
+import uuid
 
 from .metrics import Metrics, NoMetrics
 
-ENDPOINTS = ("/query", "/v1/chat/completions", "/v1/models", "/healthz", "/metrics", "/docs", "/openapi.json")
+ENDPOINTS = ("/query", "/v1/chat/completions", "/v1/models", "/healthz", "/health", "/version", "/metrics", "/docs",
+             "/openapi.json")
+REQUEST_ID_HEADER = b"x-request-id"
+# A client's id is echoed only when it is short and plain: it goes into logs and a response header.
+_CLIENT_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+log = logging.getLogger("chunkcache.server")
 
 
 def endpoint_label(path: str) -> str:
@@ -97,3 +105,34 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_note)
         finally:
             self.metrics.observe_request(endpoint_label(scope["path"]), status, time.perf_counter() - started)
+
+
+class RequestId:
+    """Every response carries `X-Request-Id`: the client's own (if short and plain) or a new one. It is
+    logged with the request's method, path, status and latency, so a client's report finds its line."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(REQUEST_ID_HEADER)
+        request_id = given if given is not None and _CLIENT_ID.match(given) else uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": headers + [(REQUEST_ID_HEADER, request_id)]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log.info("request %s %s %s -> %d in %.3f s", request_id.decode(), scope.get("method", "?"),
+                     scope["path"], status, time.perf_counter() - started)

@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import TYPE_CHECKING, Callable
 
 from .app import create_app
 from .settings import ServerSettings
 
+if TYPE_CHECKING:
+    from ..pipeline import RAGPipeline
+
 log = logging.getLogger("chunkcache.server")
 
 
-def serve(args) -> None:
-    """Run the API on args.host:args.port over the store args.store (model, embedder, device, threads
-    from args as for `chunkcache query`). The model loads in the background; /healthz says when it is ready."""
+def serve(args, open_pipeline: Callable[[], RAGPipeline]) -> None:
+    """Run the API on args.host:args.port over the pipeline `open_pipeline` opens (the CLI's, from the
+    same flags as `chunkcache query`). The model loads in the background; /healthz says when it is ready."""
     import uvicorn
-
-    from ..cli import open_pipeline
 
     settings = ServerSettings.from_args(args)
     if not settings.auth_enabled and not _is_loopback(args.host):
@@ -24,7 +26,7 @@ def serve(args) -> None:
     if settings.metrics_need_admin and settings.admin_key is None:
         log.warning("API keys are set but no admin key: /metrics answers 403 to everyone "
                     "(set CHUNKCACHE_ADMIN_KEY to read it)")
-    app = create_app(lambda: open_pipeline(args), settings)
+    app = create_app(open_pipeline, settings)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=30))
 

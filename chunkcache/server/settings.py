@@ -45,6 +45,7 @@ class ServerSettings:
         model_name: the id reported by /v1/models (default: the pipeline's model spec).
         max_pending: requests admitted to wait for or use the model at once; more get 503.
         public_metrics: serve /metrics without a key even when keys are configured.
+        cors_origins: browser origins allowed to call the API (CORS); "*" for any. Empty: no CORS headers.
         admin_key: the bearer key for /metrics (global figures across tenants). When any key is configured,
             /metrics needs this one; an API key is not enough. It is not an API key itself.
     """
@@ -56,6 +57,7 @@ class ServerSettings:
     max_pending: int = 32
     public_metrics: bool = False
     admin_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_pending < 1:
@@ -90,7 +92,8 @@ class ServerSettings:
             limits = Limits(**{**vars(limits), "max_body_bytes": args.max_body_bytes})
         admin_key = getattr(args, "admin_key", None) or environ.get(ADMIN_KEY_ENV) or None
         return cls(api_keys=keys, shared_cache=bool(getattr(args, "shared_cache", False)), limits=limits,
-                   model_name=getattr(args, "model_name", None), admin_key=admin_key)
+                   model_name=getattr(args, "model_name", None), admin_key=admin_key,
+                   cors_origins=tuple(getattr(args, "cors_origins", None) or ()))
 
 
 def parse_api_keys(text: str) -> dict[str, str | None]:
