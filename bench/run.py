@@ -43,11 +43,11 @@ from bench.reference import CACHE_ROOT, ensure_references
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_STORE_ROOT = REPO_ROOT / ".cache" / "bench-store"
-# The ratio sweep runs chunkcache's default (impact selection, calibrated chunk scale on the
-# question's queries); beside it at 0.15: the same without the scale (the previous default),
-# CacheBlend's deviation-only selection with and without it, and reuse with and without it.
-DEFAULT_MODES = ("full", "reuse-soff", "reuse", "epic", "blend-0.05-impact", "blend-0.15-impact", "blend-0.30-impact",
-                 "blend-0.15-impact-soff", "blend-0.15-soff", "blend-0.15")
+# The ratio sweep runs chunkcache's default (probe selection, calibrated chunk scale on the
+# question's queries); beside it at 0.15: the previous defaults (impact selection with and without
+# the scale), CacheBlend's deviation-only selection with and without it, and reuse with and without it.
+DEFAULT_MODES = ("full", "reuse-soff", "reuse", "epic", "blend-0.05-probe", "blend-0.15-probe", "blend-0.30-probe",
+                 "blend-0.15-impact", "blend-0.15-impact-soff", "blend-0.15-soff", "blend-0.15")
 RESULT_KIND = "chunkcache-bench-rag"
 
 

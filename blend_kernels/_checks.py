@@ -55,15 +55,23 @@ def require_same_device(**tensors: torch.Tensor) -> torch.device:
 _checked: dict[int, tuple[weakref.ref, int, int, int, bool]] = {}
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference tensors (made under
+    torch.inference_mode, as chunkcache's forward makes its positions), which keep none."""
+    return None if t.is_inference() else t._version
+
+
 def _already_checked(t: torch.Tensor, lower: int, upper: int, unique: bool) -> bool:
     entry = _checked.get(id(t))
-    if entry is None or entry[0]() is not t or entry[1] != t._version:
+    if entry is None or entry[0]() is not t or _version(t) is None or entry[1] != _version(t):
         return False
     _, _, lo, up, uniq = entry
     return lo <= lower and upper <= up and (uniq or not unique)
 
 
 def _remember(t: torch.Tensor, lower: int, upper: int, unique: bool) -> None:
+    if _version(t) is None:
+        return  # no version to tell a later in-place change by: checked again next time
     key = id(t)
     # The callback drops the entry when the tensor dies, so a recycled id never matches a stale one.
     _checked[key] = (weakref.ref(t, lambda _, key=key: _checked.pop(key, None)), t._version, lower, upper, unique)

@@ -70,7 +70,9 @@ class ChunkCacheConfig:
     recompute_ratio: float = 0.15
     check_layer: int = 0  # chosen on dev 0-24 with the chunk scale: better and cheaper than 1 (docs/FIDELITY.md)
     deviation: str = "value"
-    selection: str = "impact"
+    # "probe" (chosen on dev 0-24, confirmed on 25-49): the question's attention over every layer of a
+    # reuse pass picks the tokens before layer 0, so check_layer and deviation do not apply to it.
+    selection: str = "probe"
     epic_tokens: int = 16
     # Attention scale S on the reused chunks after the first (blend.chunk_key_bias): "calibrated"
     # (the model's fitted table, per layer or per head; no table: off), "off", or one S in (0, 4].

@@ -180,8 +180,9 @@ def test_chunk_scale_question_only_keeps_chunk_rows(tiny_pipe, docs):
     Check layer 1: on this tiny model, selection at layer 0 picks only tokens that come before every
     stale row, so no recomputed token would see a scaled key either way."""
     def rows(**kw):
+        # A fixed selection: the probe's choice itself depends on the scale (its reuse pass takes it).
         req = tiny_pipe._request(QUESTION, None, docs, "blend", 0.3, 4, 0.0, 1.0, 0, None, None, check_layer=1,
-                                 **kw)
+                                 selection="impact", **kw)
         prep = tiny_pipe._prepare(req)
         return prep.cache.k[:, :, :prep.layout.suffix_start].clone(), prep.logits
     plain_k, plain_logits = rows(chunk_scale="off")

@@ -138,3 +138,19 @@ def test_range_check_memo_forgets_modified_and_dead_tensors():
     key = id(index)
     del index
     assert key not in _checks._checked
+
+
+def test_range_memo_skips_inference_tensors():
+    """Positions made under torch.inference_mode keep no version counter: they are checked every time
+    instead of being remembered (remembering would need the counter; on CUDA that raised)."""
+    from blend_kernels._checks import _already_checked, _remember
+
+    with torch.inference_mode():
+        index = torch.arange(5)
+    _remember(index, 0, 10, True)
+    assert not _already_checked(index, 0, 10, True)
+    plain = torch.arange(5)
+    _remember(plain, 0, 10, True)
+    assert _already_checked(plain, 0, 10, True)
+    plain.add_(1)  # an in-place change forgets it
+    assert not _already_checked(plain, 0, 10, True)
