@@ -515,7 +515,7 @@ def test_models(client):
 
 def test_chat_completion_shape(client, store_pipe):
     r = client.post("/v1/chat/completions", json={
-        "model": "anything", "messages": [{"role": "system", "content": "ignored"},
+        "model": "tiny-random-0", "messages": [{"role": "system", "content": "ignored"},
                                           {"role": "user", "content": [{"type": "text", "text": "Where is "},
                                                                        {"type": "text", "text": "Everest?"}]}],
         "documents": DOCS, "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 2})

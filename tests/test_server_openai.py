@@ -74,7 +74,7 @@ def client(base_url):
 
 
 def chat(client, question: str, **kwargs):
-    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+    return client.chat.completions.create(model="tiny-random-0", messages=[{"role": "user", "content": question}],
                                           max_tokens=6, **kwargs)
 
 
@@ -120,6 +120,13 @@ def test_openai_logprobs_and_seed(client):
 def test_openai_models(client):
     assert [m.id for m in client.models.list()] == ["tiny-random-0"]
     assert client.models.retrieve("tiny-random-0").owned_by == "chunkcache"
+    assert client.models.retrieve("tiny-random-0").model_extra["max_model_len"] == 2048
+
+
+def test_an_unknown_model_is_a_404_not_a_silent_substitute(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert info.value.code == "model_not_found" and "tiny-random-0" in info.value.message
 
 
 def test_openai_errors(client, base_url):

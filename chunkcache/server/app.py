@@ -205,11 +205,16 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
     async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller),
                                pipe=Depends(ready_pipeline)):
         """OpenAI-compatible chat: the last user message is the question; retrieval runs over the store
-        unless `documents` is given. System messages and earlier turns are not part of the prompt (its
+        unless `documents` is given. `model`, when given, must be the served id (else 404, as OpenAI). System messages and earlier turns are not part of the prompt (its
         cached prefix is fixed). `usage.prompt_tokens_details.cached_tokens` counts reused KV."""
+        served = _model_identity(pipe, settings)
+        if body.model is not None and body.model != served[0]:
+            # Serving another model under the name asked for would be a silent wrong answer.
+            raise ApiError(404, f"model {body.model!r} not found; this server serves {served[0]!r} (GET /v1/models)",
+                           "model_not_found", param="model")
         kwargs = {**body.pipeline_kwargs(), "namespace": auth.namespace(who)}
         top = (body.top_logprobs or 0) if body.logprobs else None
-        completion = Completion(*_model_identity(pipe, settings))
+        completion = Completion(*served)
         if not body.stream:
             answer = await run_query(pipe, body.question(), kwargs, request)
             return completion.response(answer, top)
