@@ -257,16 +257,10 @@ def _attention(cache: KVCache, index: int, q: torch.Tensor, positions: torch.Ten
 
 def attention_weights(cache: KVCache, index: int, q: torch.Tensor, positions: torch.Tensor, scale: float,
                       kv_len: int, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """The attention probabilities of a few queries over layer `index` of the cache, explicitly, as
-    `_attention` weighs them (mask, window, cap, chunk-scale bias): q [q_heads, n, D] -> fp32 [q_heads, n, kv_len]."""
-    from blend_kernels.attention.reference import position_causal_mask
+    """The attention probabilities of a few queries over layer `index` of the cache, as `_attention`
+    weighs them (mask, window, cap, chunk-scale bias): q [q_heads, n, D] -> fp32 [q_heads, n, kv_len]."""
+    from blend_kernels.attention.reference import position_causal_weights
 
-    keys = cache.k[index][:, :kv_len].float().repeat_interleave(q.shape[0] // cache.k.shape[1], dim=0)
-    scores = (q.float() @ keys.transpose(1, 2)) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if cache.key_bias is not None:
-        takes = (positions >= cache.bias_from).float()[None, :, None]
-        scores = scores + cache.key_bias[index][:, None, :kv_len] * takes
-    visible = position_causal_mask(positions, kv_len, window)
-    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    bias = cache.key_bias[index][:, :kv_len] if cache.key_bias is not None else None
+    return position_causal_weights(q, cache.k[index][:, :kv_len], positions, scale, bias, cache.bias_from, window,
+                                   softcap)

@@ -70,12 +70,17 @@ def hash_embedder():
     return HashEmbedder()
 
 
-@pytest.fixture
-def tiny_pipe(tmp_path, tiny_lm, hash_embedder):
+def open_tiny_pipe(directory, lm, embedder, **overrides):
+    """A pipeline with the tests' settings: float32 KV (exact comparisons), 48-token chunks, short answers."""
     from chunkcache import RAGPipeline
 
-    pipe = RAGPipeline.open(tmp_path / "store", lm=tiny_lm, embedder=hash_embedder, kv_dtype="float32",
-                            chunk_tokens=48, max_new_tokens=8)
+    settings = dict(kv_dtype="float32", chunk_tokens=48, max_new_tokens=8) | overrides
+    return RAGPipeline.open(directory / "store", lm=lm, embedder=embedder, **settings)
+
+
+@pytest.fixture
+def tiny_pipe(tmp_path, tiny_lm, hash_embedder):
+    pipe = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder)
     yield pipe
     pipe.close()
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .conftest import open_tiny_pipe
+
 WINDOW = 16  # narrower than every prompt below, so sliding layers really slide
 QUESTION = "Where is Mount Everest?"
 FORCED = [1000, 2000, 3000, 4000, 5000]
@@ -93,10 +95,7 @@ def arch_lm(request, tokenizer):
 
 @pytest.fixture
 def arch_pipe(tmp_path, arch_lm, hash_embedder):
-    from chunkcache import RAGPipeline
-
-    pipe = RAGPipeline.open(tmp_path / "store", lm=arch_lm, embedder=hash_embedder, kv_dtype="float32",
-                            chunk_tokens=48, max_new_tokens=8)
+    pipe = open_tiny_pipe(tmp_path, arch_lm, hash_embedder)
     yield pipe
     pipe.close()
 

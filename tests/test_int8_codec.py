@@ -12,6 +12,7 @@ from chunkcache.accounting import kv_entry_bytes
 from store import CorruptEntryError, QuantizedKV, chunk_key, decode_kv, encode_kv, quantize_kv
 from store.codec import entry_sizes, payload_bytes
 
+from .conftest import open_tiny_pipe
 from .test_pipeline_faults import flip
 
 QUESTION = "Where is Mount Everest?"
@@ -133,8 +134,7 @@ def test_int8_is_a_store_setting_with_its_own_keys():
 
 @pytest.fixture
 def int8_pipe(tmp_path, tiny_lm, hash_embedder):
-    pipe = RAGPipeline.open(tmp_path / "store", lm=tiny_lm, embedder=hash_embedder, kv_dtype="int8",
-                            chunk_tokens=48, max_new_tokens=8)
+    pipe = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, kv_dtype="int8")
     yield pipe
     pipe.close()
 

@@ -20,12 +20,12 @@ def position_causal_mask(q_pos: torch.Tensor, num_keys: int, window: int | None 
     return visible
 
 
-def position_causal_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float | None = None,
+def position_causal_weights(
+    q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, scale: float | None = None,
     key_bias: torch.Tensor | None = None, bias_from: int = 0, window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """q: [q_heads, nq, head_dim]; k, v: [kv_heads, Nk, head_dim]; q_pos: int [nq] -> fp32 [q_heads, nq, head_dim].
+    """The attention probabilities: q [q_heads, nq, head_dim], k [kv_heads, Nk, head_dim] -> fp32 [q_heads, nq, Nk].
 
     GQA: query head h reads kv head h // (q_heads // kv_heads). key_bias: fp32 [1 or q_heads, Nk],
     added to the logits of every query at a position >= bias_from (a per-key log attention scale).
@@ -33,10 +33,8 @@ def position_causal_attention_reference(
     softcap) before the bias and the mask (Gemma 2).
     """
     q_heads, _, head_dim = q.shape
-    group = q_heads // k.shape[0]
     scale = head_dim**-0.5 if scale is None else scale
-    k = k.to(torch.float32).repeat_interleave(group, dim=0)
-    v = v.to(torch.float32).repeat_interleave(group, dim=0)
+    k = k.to(torch.float32).repeat_interleave(q_heads // k.shape[0], dim=0)
     scores = (q.to(torch.float32) @ k.transpose(1, 2)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -44,4 +42,15 @@ def position_causal_attention_reference(
         applies = (q_pos >= bias_from).to(torch.float32)  # [nq]
         scores = scores + key_bias.to(torch.float32)[:, None, :] * applies[None, :, None]
     scores = scores.masked_fill(~position_causal_mask(q_pos, k.shape[1], window), float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    return torch.softmax(scores, dim=-1)
+
+
+def position_causal_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float | None = None,
+    key_bias: torch.Tensor | None = None, bias_from: int = 0, window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q: [q_heads, nq, head_dim]; k, v: [kv_heads, Nk, head_dim]; q_pos: int [nq] -> fp32 [q_heads, nq, head_dim].
+    The probabilities of `position_causal_weights` times the values."""
+    weights = position_causal_weights(q, k, q_pos, scale, key_bias, bias_from, window, softcap)
+    return weights @ v.to(torch.float32).repeat_interleave(q.shape[0] // k.shape[0], dim=0)
