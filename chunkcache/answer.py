@@ -15,6 +15,7 @@ class Source:
 
 @dataclass
 class Timings:
+    queue_s: float = 0.0  # waiting for the engine to admit the request (see chunkcache/engine.py)
     retrieve_s: float = 0.0
     load_s: float = 0.0  # reading chunk KVs, computing misses, re-rotating into place
     prefill_s: float = 0.0

@@ -81,6 +81,12 @@ class ChunkCacheConfig:
     max_new_tokens: int = 128
     max_question_chars: int = 4000
 
+    # the engine (chunkcache/engine.py): continuous batching of every request's prefill and decode
+    max_running: int = 8  # requests admitted at once; 1 serves them one at a time
+    max_batched_tokens: int = 2048  # rows in one step: a longer prefill is split over steps
+    max_waiting: int = 256  # queued requests beyond which new ones are refused (EngineBusy; HTTP 503)
+    max_kv_bytes: int | None = None  # KV cache memory for the admitted requests (None: a quarter of RAM/VRAM)
+
     STORE_FIELDS = ("model", "embedder", "kv_dtype", "chunk_tokens", "system_prompt",
                     "instruction", "index_kind")
 
@@ -115,6 +121,17 @@ class ChunkCacheConfig:
             raise ValueError(f"epic_tokens must be >= 0, got {self.epic_tokens}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("max_running", "max_batched_tokens", "max_waiting"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_waiting" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'max_waiting' else 1}, got {value!r}")
+        if self.max_batched_tokens < self.max_running:
+            raise ValueError(f"max_batched_tokens ({self.max_batched_tokens}) must be >= max_running "
+                             f"({self.max_running}): every running request decodes one token per step")
+        if self.max_kv_bytes is not None and (isinstance(self.max_kv_bytes, bool)
+                                              or not isinstance(self.max_kv_bytes, int) or self.max_kv_bytes < 1):
+            raise ValueError(f"max_kv_bytes must be an integer >= 1 (or None: a quarter of memory), "
+                             f"got {self.max_kv_bytes!r}")
 
     def replace(self, **overrides) -> "ChunkCacheConfig":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}

@@ -98,23 +98,25 @@ def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: torch.Tensor, pos
                    attention_mass=attention_mass)
     h, info = _run_layers(lm, rows, token_ids, selector)
     if attention_mass:
-        info["attention_mass"] = rows.mass
+        info["attention_mass"] = rows.mass[0]
     last = h[0] if all_logits else h[0, -1:]
     logits = lm.parts.logits(last)
     return ForwardResult(logits if all_logits else logits[0], rows.segments[0].positions, info)
 
 
 @torch.inference_mode()
-def forward_batch(lm: LoadedModel, requests: list[tuple[KVCache, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def forward_batch(lm: LoadedModel, requests: list[tuple[KVCache, torch.Tensor, torch.Tensor]], *,
+                  attention_mass: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Several requests' tokens in one flattened pass: each (cache, token_ids [n_i], positions [n_i]) as
     `forward_tokens` would compute it alone, with the projections and MLPs batched over all tokens and
     attention per request over its own cache (and its own chunk-scale bias).
-    -> fp32 [len(requests), vocab]: each request's last-token logits.
+    -> (fp32 [len(requests), vocab]: each request's last-token logits, and with `attention_mass` each
+    request's attention mass as `forward_tokens` gives it, else None).
     """
     segments = [Segment(cache, positions.to(lm.device)) for cache, _, positions in requests]
-    rows = RowPass(segments, probe_layer=None)
+    rows = RowPass(segments, probe_layer=None, attention_mass=attention_mass)
     h, _ = _run_layers(lm, rows, torch.cat([ids for _, ids, _ in requests]), None)
-    return lm.parts.logits(h[0, [s.rows.stop - 1 for s in rows.segments]])
+    return lm.parts.logits(h[0, [s.rows.stop - 1 for s in rows.segments]]), rows.mass
 
 
 def _run_layers(lm: LoadedModel, rows: RowPass, token_ids: torch.Tensor,
@@ -175,9 +177,7 @@ class RowPass(Cache):
         self.segments = segments
         self.probe_layer = probe_layer
         self.probe: LayerProbe | None = None
-        if attention_mass and len(segments) != 1:
-            raise ValueError("attention mass is collected for one request at a time")
-        self.mass = torch.zeros(segments[0].kv_len, dtype=torch.float32, device=segments[0].positions.device) \
+        self.mass = [torch.zeros(s.kv_len, dtype=torch.float32, device=s.positions.device) for s in segments] \
             if attention_mass else None
 
     def all_positions(self) -> torch.Tensor:
@@ -208,9 +208,9 @@ class RowPass(Cache):
         if layer_idx == self.probe_layer:
             self.probe.q = q[0]
         if self.mass is not None:
-            s = self.segments[0]
-            self.mass += attention_weights(s.cache, layer_idx, q[0], s.positions, scale, s.kv_len, window,
-                                           softcap).sum(dim=(0, 1))
+            for s, mass in zip(self.segments, self.mass):
+                mass += attention_weights(s.cache, layer_idx, q[0, :, s.rows], s.positions, scale, s.kv_len,
+                                          window, softcap).sum(dim=(0, 1))
         outs = [_attention(s.cache, layer_idx, q[0, :, s.rows], s.positions, scale, s.contiguous_from_zero,
                            s.kv_len, window, softcap) for s in self.segments]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -21,26 +22,20 @@ from .answer import Answer, CacheStats, Source, Timings
 from .blend import PromptLayout, blend_selector, chunk_key_bias, initial_positions, prior_positions
 from .calibration import load_chunk_log_scale
 from .config import MODES, ChunkCacheConfig, check_ratio
-from .forward import KVCache, forward_tokens, new_cache
+from .engine import Engine, EngineLimits, Ticket, default_kv_bytes
+from .errors import QueryError, RequestCancelled  # noqa: F401  (part of this module's API)
+from .forward import KVCache, forward_batch, forward_tokens, new_cache
 from .ingest import IngestReport, PendingChunk, ensure_prefix, ingest_paths, store_chunks
 from .kvcompute import chunk_kv, dense_kv, extract_kv, prefix_cache
+from .generation import Generation
 from .prompt import chunk_token_ids, suffix_token_ids
 from .rope import rerotate_layers
 from .runtime import Runtime
-from .sampling import next_token, top_logprobs
 
 log = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
 MAX_DOCUMENTS = 64
-
-
-class QueryError(ValueError):
-    """A request the pipeline cannot serve as asked; the message says why and what to change."""
-
-
-class RequestCancelled(RuntimeError):
-    """The caller's `cancelled()` said stop before the request reached the model (e.g. its client left)."""
 
 
 @dataclass
@@ -78,6 +73,25 @@ class Request:
 
 
 @dataclass
+class Staged:
+    """A request on its way to the model: laid out (`_plan`), then its cached KV placed (`_place_kv`)."""
+
+    req: Request
+    chunks: list[ChunkRef]
+    layout: PromptLayout
+    prompt_ids: torch.Tensor  # int64 [N]
+    stats: CacheStats
+    timings: Timings
+    started: float
+    cache: KVCache | None = None
+    read: tuple[bool, list[bool]] = (True, [])  # whether the prefix's and each chunk's KV came from the store
+    sources: list[Source] = field(default_factory=list)
+    positions: torch.Tensor | None = None  # rows computed from layer 0; None until the probe pass chose them
+    narrow_at: int | None = None  # a check-layer selection narrows to `selector`'s rows after this layer
+    selector: Callable | None = None
+
+
+@dataclass
 class Prepared:
     """A prompt whose KV cache is ready up to its last token, and the first-token logits."""
 
@@ -92,10 +106,23 @@ class Prepared:
 
 
 class RAGPipeline:
-    """Chunk-cached retrieval-augmented generation over one store; one request runs at a time."""
+    """Chunk-cached retrieval-augmented generation over one store. Requests from any number of threads
+    are served together by one engine (chunkcache/engine.py), which batches their prefill and decode."""
 
     def __init__(self, runtime: Runtime):
         self.rt = runtime
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The loop that runs the model for `events`, `query`, `stream` and `query_many` (started on first use)."""
+        with self._engine_lock:
+            if self._engine is None:
+                cfg = self.config
+                self._engine = Engine(self, EngineLimits(cfg.max_running, cfg.max_batched_tokens, cfg.max_waiting,
+                                                         cfg.max_kv_bytes or default_kv_bytes(self.rt.lm.device)))
+            return self._engine
 
     @classmethod
     def open(cls, store_dir, *, config: ChunkCacheConfig | None = None, lm=None, embedder=None,
@@ -118,6 +145,18 @@ class RAGPipeline:
             if isinstance(event, Answer):
                 return event
         raise AssertionError("events() ended without an Answer")
+
+    def query_many(self, questions: Sequence[str], **kwargs) -> list[Answer]:
+        """Answer several questions at once, in order; the engine batches them (keyword arguments as for
+        `query`, the same for every question). The first failure is raised and the others are cancelled."""
+        tickets = []
+        try:
+            for question in questions:
+                tickets.append(self.submit(question, **kwargs))
+            return [[e for e in ticket if isinstance(e, Answer)][0] for ticket in tickets]
+        finally:
+            for ticket in tickets:
+                ticket.cancel()  # a no-op for the finished ones
 
     def stream(self, question: str, **kwargs) -> Iterator[str]:
         """The answer's text, piece by piece as it is decoded."""
@@ -152,15 +191,28 @@ class RAGPipeline:
                 request stops: before it starts, RequestCancelled; while decoding, an Answer with what
                 was decoded and finish_reason "cancelled" (a server passes "the client has left").
         """
+        ticket = self.submit(question, top_k=top_k, documents=documents, mode=mode, recompute_ratio=recompute_ratio,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs,
+                             seed=seed, namespace=namespace, check_layer=check_layer, deviation=deviation,
+                             selection=selection, chunk_scale=chunk_scale, scale_queries=scale_queries,
+                             cancelled=cancelled)
+        try:
+            yield from ticket
+        finally:
+            ticket.cancel()  # the caller stopped reading: free its slot at the engine's next step
+
+    def submit(self, question: str, *, top_k=None, documents=None, mode=None, recompute_ratio=None,
+               max_new_tokens=None, temperature=0.0, top_p=1.0, logprobs=0, seed=None, namespace=None,
+               check_layer=None, deviation=None, selection=None, chunk_scale=None, scale_queries=None,
+               cancelled=None) -> Ticket:
+        """Queue `question` for the engine and return its ticket at once (arguments as for `events`).
+        Iterating the ticket gives the text pieces, then the Answer; `ticket.cancel()` drops it. Raises
+        QueryError for an invalid request and EngineBusy when the queue is full."""
         req = self._request(question, top_k, documents, mode, recompute_ratio, max_new_tokens, temperature,
                             top_p, logprobs, seed, namespace, check_layer, deviation, selection,
                             chunk_scale=chunk_scale, scale_queries=scale_queries)
         req.cancelled = cancelled
-        with self.rt.lock:
-            if cancelled is not None and cancelled():
-                raise RequestCancelled("the request was cancelled before it reached the model")
-            prep = self._prepare(req)
-            yield from self._decode(req, prep)
+        return self.engine.submit(req)
 
     @torch.inference_mode()
     def score(self, question: str, forced_ids: Sequence[int], **kwargs) -> tuple[torch.Tensor, CacheStats]:
@@ -268,6 +320,19 @@ class RAGPipeline:
                        blend.scale_queries)
 
     def _prepare(self, req: Request) -> Prepared:
+        """The request's prompt, prefilled alone (what the engine does in steps, batched with others)."""
+        staged = self._plan(req)
+        self._place_kv(staged)
+        t = time.perf_counter()
+        if staged.positions is None:
+            self._choose_positions([staged])
+        result = forward_tokens(self.rt.lm, staged.cache, staged.prompt_ids[staged.positions], staged.positions,
+                                narrow_at=staged.narrow_at, selector=staged.selector)
+        staged.timings.prefill_s = time.perf_counter() - t
+        return self._prepared(staged, result.kept_positions, result.logits)
+
+    def _plan(self, req: Request) -> Staged:
+        """Retrieve the chunks and lay the prompt out; no KV is allocated yet (see `kv_bytes`)."""
         started = time.perf_counter()
         timings, stats = Timings(), CacheStats(mode=req.mode)
         chunks = self._documents(req) if req.documents is not None else self._retrieve(req)
@@ -277,16 +342,63 @@ class RAGPipeline:
         layout = PromptLayout(len(self.rt.template.prefix_ids), tuple(len(c.token_ids) for c in chunks), len(suffix))
         prompt_ids = torch.tensor(list(self.rt.template.prefix_ids) + [t for c in chunks for t in c.token_ids]
                                   + suffix, dtype=torch.long)
-        cache = new_cache(self.rt.lm, layout.num_tokens + req.max_new_tokens)
+        return Staged(req, chunks, layout, prompt_ids, stats, timings, started)
+
+    def kv_bytes(self, staged: Staged) -> int:
+        """The memory the request's KV cache takes once placed (prompt plus answer)."""
+        lm = self.rt.lm
+        per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * torch.finfo(lm.dtype).bits // 8
+        return per_token * (staged.layout.num_tokens + staged.req.max_new_tokens)
+
+    def _place_kv(self, staged: Staged) -> None:
+        """Allocate the request's cache and fill it from the store (computing misses); decide what the
+        prefill computes: `staged.positions`, or None when the probe pass must choose them first."""
+        req, layout = staged.req, staged.layout
+        staged.cache = cache = new_cache(self.rt.lm, layout.num_tokens + req.max_new_tokens)
         t = time.perf_counter()
         prefix_read = req.mode != "full" and self.rt.prefix_key() in self.rt.store.kv  # else computed now
-        hits = self._load(req, chunks, layout, cache, stats) if req.mode != "full" else [False] * len(chunks)
-        timings.load_s = time.perf_counter() - t
-        t = time.perf_counter()
-        logits = self._prefill(req, layout, prompt_ids, cache, stats, read=(prefix_read, hits))
-        timings.prefill_s = time.perf_counter() - t
-        sources = [Source(c.text, c.source, c.score, c.key.hex(), hit) for c, hit in zip(chunks, hits)]
-        return Prepared(cache, prompt_ids, layout, sources, stats, timings, logits, started)
+        hits = self._load(req, staged.chunks, layout, cache, staged.stats) if req.mode != "full" \
+            else [False] * len(staged.chunks)
+        staged.timings.load_s = time.perf_counter() - t
+        staged.read = (prefix_read, hits)
+        staged.sources = [Source(c.text, c.source, c.score, c.key.hex(), hit) for c, hit in zip(staged.chunks, hits)]
+        log_scale = self._chunk_log_scale(req.chunk_scale) if req.mode != "full" else None
+        if log_scale is not None:
+            cache.key_bias = chunk_key_bias(layout, log_scale, cache.capacity)
+            cache.bias_from = layout.suffix_start if req.scale_queries == "question" else 0
+        staged.positions = initial_positions(req.mode, layout, self.config.epic_tokens)
+        if req.mode == "blend" and req.selection == "probe" and req.selection_scores is None:
+            staged.positions = None  # chosen by `_choose_positions`
+        elif req.mode == "blend" and req.check_layer < self.rt.lm.num_layers - 1:
+            staged.narrow_at = req.check_layer
+            staged.selector = blend_selector(layout, req.recompute_ratio, deviation=req.deviation,
+                                             selection=req.selection, scores=req.selection_scores)
+
+    def _choose_positions(self, batch: list[Staged]) -> None:
+        """The probe selection for several requests at once: one reuse pass of each question over its placed
+        chunks (chunk scale included, batched), whose attention over every layer picks the rows to recompute.
+        Full prefill's question attention, summed over layers, is what the output oracle weighs tokens by
+        (docs/FIDELITY.md); this pass approximates it for the cost of reuse. The suffix rows it writes are
+        recomputed by the prefill that follows."""
+        suffixes = [torch.arange(s.layout.suffix_start, s.layout.num_tokens) for s in batch]
+        _, masses = forward_batch(self.rt.lm, [(s.cache, s.prompt_ids[p], p) for s, p in zip(batch, suffixes)],
+                                  attention_mass=True)
+        for staged, mass in zip(batch, masses):
+            staged.positions = prior_positions(staged.layout, staged.req.recompute_ratio, mass)
+
+    def _prepared(self, staged: Staged, kept_positions: torch.Tensor, logits: torch.Tensor) -> Prepared:
+        """The prefill's figures, once its last row is computed; `logits` are the first answer token's."""
+        req, layout, stats = staged.req, staged.layout, staged.stats
+        stats.prompt_tokens = layout.num_tokens
+        stats.recomputed_tokens = len(kept_positions)
+        if req.mode == "full":
+            recomputed_chunk_tokens = layout.num_chunk_tokens
+        else:
+            recomputed_chunk_tokens = stats.recomputed_tokens - layout.suffix_len
+            stats.cached_tokens = cached_token_count(layout, kept_positions, staged.read[1], staged.read[0])
+        stats.recompute_fraction = recomputed_chunk_tokens / max(1, layout.num_chunk_tokens)
+        return Prepared(staged.cache, staged.prompt_ids, layout, staged.sources, stats, staged.timings, logits,
+                        staged.started)
 
     def _retrieve(self, req: Request) -> list[ChunkRef]:
         self.rt.store.refresh()  # chunks another process added or retired since the last query (one small read)
@@ -443,34 +555,6 @@ class RAGPipeline:
             log.warning("could not rewrite %d recomputed KV entries (%s); this request uses them from memory",
                         len(fresh), exc)
 
-    def _prefill(self, req: Request, layout: PromptLayout, prompt_ids: torch.Tensor, cache: KVCache,
-                 stats: CacheStats, read: tuple[bool, Sequence[bool]] = (True, ())) -> torch.Tensor:
-        """`read`: whether the prefix's and each chunk's KV was read from the store (for cached_tokens)."""
-        positions = initial_positions(req.mode, layout, self.config.epic_tokens)
-        log_scale = self._chunk_log_scale(req.chunk_scale) if req.mode != "full" else None
-        if log_scale is not None:
-            cache.key_bias = chunk_key_bias(layout, log_scale, cache.capacity)
-            cache.bias_from = layout.suffix_start if req.scale_queries == "question" else 0
-        narrow_at, selector = None, None
-        if req.mode == "blend" and req.selection == "probe" and req.selection_scores is None:
-            prior = _question_attention_prior(self.rt.lm, cache, prompt_ids, layout)
-            positions = prior_positions(layout, req.recompute_ratio, prior)
-        elif req.mode == "blend" and req.check_layer < self.rt.lm.num_layers - 1:
-            narrow_at = req.check_layer
-            selector = blend_selector(layout, req.recompute_ratio, deviation=req.deviation, selection=req.selection,
-                                      scores=req.selection_scores)
-        result = forward_tokens(self.rt.lm, cache, prompt_ids[positions], positions, narrow_at=narrow_at,
-                                selector=selector)
-        stats.prompt_tokens = layout.num_tokens
-        stats.recomputed_tokens = len(result.kept_positions)
-        if req.mode == "full":
-            recomputed_chunk_tokens = layout.num_chunk_tokens
-        else:
-            recomputed_chunk_tokens = stats.recomputed_tokens - layout.suffix_len
-            stats.cached_tokens = cached_token_count(layout, result.kept_positions, read[1], read[0])
-        stats.recompute_fraction = recomputed_chunk_tokens / max(1, layout.num_chunk_tokens)
-        return result.logits
-
     def _chunk_log_scale(self, chunk_scale) -> torch.Tensor | None:
         """log(S) [layers, 1 or q_heads] on device for this request's chunk_scale, or None for none."""
         lm = self.rt.lm
@@ -481,58 +565,42 @@ class RAGPipeline:
             return None if table is None else table.to(lm.device)
         return torch.full((lm.num_layers, 1), math.log(chunk_scale), device=lm.device)
 
+    def _generation(self, req: Request, prep: Prepared,
+                    step_logits: list[torch.Tensor] | None = None) -> Generation:
+        lm = self.rt.lm
+        return Generation(lm.tokenizer, lm.eos_token_ids, max_new_tokens=req.max_new_tokens,
+                          temperature=req.temperature, top_p=req.top_p, logprobs=req.logprobs, seed=req.seed,
+                          prompt_len=len(prep.prompt_ids), started=prep.started, sources=prep.sources,
+                          timings=prep.timings, stats=prep.stats, cancelled=req.cancelled, step_logits=step_logits,
+                          config={"mode": req.mode, "recompute_ratio": req.recompute_ratio,
+                                  "check_layer": req.check_layer, "deviation": req.deviation,
+                                  "selection": req.selection, "chunk_scale": req.chunk_scale,
+                                  "scale_queries": req.scale_queries, "model": lm.spec,
+                                  "model_fingerprint": lm.fingerprint})
+
     def _decode(self, req: Request, prep: Prepared,
                 step_logits: list[torch.Tensor] | None = None) -> Iterator[str | Answer]:
-        lm = self.rt.lm
-        tokenizer = lm.tokenizer
-        generator = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
-        eos = lm.eos_token_ids
-        logits, pos = prep.logits, len(prep.prompt_ids)
-        out: list[int] = []
-        logprob_rows: list[dict] = []
-        emitted = ""
-        ttft = None
-        finish = "length"
-        decode_started = time.perf_counter()
-        for step in range(req.max_new_tokens):
-            if req.cancelled is not None and req.cancelled():
-                finish = "cancelled"  # nobody waits for the rest: free the model for the next request
+        """Decode one prepared request alone (the engine decodes many in batched steps)."""
+        gen = self._generation(req, prep, step_logits)
+        logits = prep.logits
+        while True:
+            yield from gen.feed(logits)
+            if gen.done:
                 break
-            token = next_token(logits, req.temperature, req.top_p, generator)
-            if step_logits is not None:
-                step_logits.append(logits)
-            if ttft is None:
-                ttft = time.perf_counter() - prep.started
-            if req.logprobs:
-                logprob_rows.append(top_logprobs(logits, token, req.logprobs, tokenizer.decode))
-            if token in eos:
-                finish = "stop"
-                break
-            out.append(token)
-            text = tokenizer.decode(out, skip_special_tokens=True)
-            # Hold back a piece that ends inside a multi-byte character until it completes.
-            if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                yield text[len(emitted):]
-                emitted = text
-            if step + 1 < req.max_new_tokens:
-                logits = forward_tokens(lm, prep.cache, torch.tensor([token]), torch.tensor([pos])).logits
-                pos += 1
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
-        prep.timings.decode_s = time.perf_counter() - decode_started
-        prep.stats.completion_tokens = len(out)
-        yield Answer(text=text.strip(), token_ids=out, sources=prep.sources, ttft_s=ttft,
-                     total_s=time.perf_counter() - prep.started, timings=prep.timings, stats=prep.stats,
-                     finish_reason=finish, logprobs=logprob_rows if req.logprobs else None,
-                     config={"mode": req.mode, "recompute_ratio": req.recompute_ratio,
-                             "check_layer": req.check_layer, "deviation": req.deviation,
-                             "selection": req.selection, "chunk_scale": req.chunk_scale,
-                             "scale_queries": req.scale_queries, "model": self.rt.lm.spec,
-                             "model_fingerprint": self.rt.lm.fingerprint})
+            token, position = gen.next_input()
+            logits = forward_tokens(self.rt.lm, prep.cache, torch.tensor([token]), torch.tensor([position])).logits
+        rest, answer = gen.answer()
+        yield from rest
+        yield answer
 
     def close(self) -> None:
-        self.rt.close()
+        """Stop the engine (requests still in it get EngineClosed), then close the store."""
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+        with self.rt.lock:  # a direct call (ingest, evaluate) still running finishes first
+            self.rt.close()
 
 
 def _meta_or_none(reader, key: bytes | None) -> dict | None:
@@ -544,14 +612,3 @@ def _meta_or_none(reader, key: bytes | None) -> dict | None:
     except CorruptEntryError as exc:
         log.warning("%s; leaving the chunk out of this answer", exc)
         return None
-
-
-def _question_attention_prior(lm, cache: KVCache, prompt_ids: torch.Tensor, layout: PromptLayout) -> torch.Tensor:
-    """The "probe" selection's prior: a reuse pass of the question alone over the placed chunks (their
-    cached KV, chunk scale included), returning the attention it paid each position over every layer
-    (fp32 [prompt tokens]). Full prefill's question attention, summed over layers, is what the output
-    oracle weighs tokens by (docs/FIDELITY.md); this pass approximates it for the cost of reuse.
-    The suffix rows it writes are recomputed by the blend pass that follows."""
-    positions = torch.arange(layout.suffix_start, layout.num_tokens)
-    return forward_tokens(lm, cache, prompt_ids[positions], positions, attention_mass=True).info["attention_mass"]
-

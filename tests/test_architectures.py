@@ -287,7 +287,7 @@ def test_a_flattened_batch_equals_each_request_alone(arch_lm):
     alone_caches, work = prepared()
     alone = torch.stack([forward_tokens(arch_lm, c, t, p).logits for c, (t, p) in zip(alone_caches, work)])
     batch_caches, work = prepared()
-    batched = forward_batch(arch_lm, [(c, t, p) for c, (t, p) in zip(batch_caches, work)])
+    batched, _ = forward_batch(arch_lm, [(c, t, p) for c, (t, p) in zip(batch_caches, work)])
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
     for a, b in zip(alone_caches, batch_caches):
         torch.testing.assert_close(b.k[:, :, :b.length], a.k[:, :, :a.length], rtol=1e-5, atol=1e-5)

@@ -154,7 +154,7 @@ def test_query_matches_the_pipeline(client, store_pipe):
     assert body["text"] == direct.text and body["token_ids"] == direct.token_ids
     assert [s["text"] for s in body["sources"]] == [d.strip() for d in DOCS]
     assert all(s["hit"] for s in body["sources"]) and body["stats"]["chunk_hits"] == 3
-    assert body["ttft_s"] > 0 and set(body["timings"]) == {"retrieve_s", "load_s", "prefill_s", "decode_s"}
+    assert body["ttft_s"] > 0 and set(body["timings"]) == {"queue_s", "retrieve_s", "load_s", "prefill_s", "decode_s"}
     assert body["stats"]["prompt_tokens"] == direct.stats.prompt_tokens > 0
     assert body["stats"]["cached_tokens"] == direct.stats.cached_tokens > 0
     assert body["config"]["mode"] == "blend"
@@ -613,7 +613,13 @@ def test_metrics_count_requests_and_cache(store_pipe):
     assert got[("chunkcache_request_duration_seconds_count", (("endpoint", "/query"),))] == 2
     assert got[("chunkcache_chunk_hits_total", ())] + got[("chunkcache_chunk_misses_total", ())] == 3
     assert got[("chunkcache_reused_tokens_total", ())] > 0 and got[("chunkcache_recomputed_tokens_total", ())] > 0
-    assert all(name.startswith("chunkcache_") for name, _ in got)
+    # The engine's series, in the names vLLM's dashboards use, and the standard process ones.
+    assert got[("chunkcache_num_requests_running", ())] == 0 and got[("chunkcache_num_requests_waiting", ())] == 0
+    assert got[("chunkcache_kv_cache_bytes", ())] == 0
+    for name in ("request_queue_time_seconds", "e2e_request_latency_seconds", "inter_token_latency_seconds"):
+        assert got[(f"chunkcache_{name}_count", ())] == 2
+    assert got[("process_cpu_seconds_total", ())] > 0 and ("python_info" in {name for name, _ in got})
+    assert all(name.startswith(("chunkcache_", "process_", "python_")) for name, _ in got)
 
 
 def test_metrics_count_documents_not_stored(tmp_path, tiny_lm, hash_embedder):

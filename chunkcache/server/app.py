@@ -1,7 +1,7 @@
 """The FastAPI app: /query, OpenAI-compatible /v1/chat/completions and /v1/models, /healthz, /metrics.
 
-The pipeline runs the model for one request at a time (it holds a lock) and its work is blocking:
-it runs in worker threads, never on the event loop.
+The pipeline's engine batches every request in flight (chunkcache/engine.py); waiting on it is
+blocking, so each request waits in a worker thread, never on the event loop.
 """
 # NOTE: no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime
 # and the request models are local classes built from the settings' limits.
@@ -25,7 +25,7 @@ from store import DiskFullError
 
 from .. import __version__
 from ..answer import Answer
-from ..pipeline import QueryError, RequestCancelled
+from ..errors import EngineBusy, EngineClosed, QueryError, RequestCancelled
 from .auth import Authenticator, Caller
 from .bridge import Admission, iterate_in_thread
 from .metrics import Metrics, NoMetrics
@@ -280,6 +280,8 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
                                                               **ERROR_RESPONSES})
     async def get_metrics(_: None = Depends(admin)):
         """Prometheus text format. With keys configured, only the admin key reads it (unless public_metrics)."""
+        if service.pipeline is not None and hasattr(type(service.pipeline), "engine"):
+            metrics.observe_engine(service.pipeline.engine.counts())
         return Response(metrics.render(), media_type=metrics.content_type)
 
     if not docs_open:
@@ -303,10 +305,7 @@ async def _load(app: FastAPI, factory: Callable[[], Any], service: Service) -> N
 
 
 def _close(pipe) -> None:
-    # Wait for any request still using the model (its store would close under it).
-    lock = getattr(getattr(pipe, "rt", None), "lock", None)
-    with lock if lock is not None else contextlib.nullcontext():
-        pipe.close()
+    pipe.close()  # RAGPipeline.close stops its engine, then waits for any direct call using the model
 
 
 def _admit(admission: Admission) -> None:
@@ -339,10 +338,23 @@ def _reraise(exc: BaseException):
     raise _server_error(exc) from exc
 
 
+def _engine_refusal(exc: Exception) -> ApiError | None:
+    """503s for a request the engine could not take: its queue is full, or the server is shutting down."""
+    if isinstance(exc, EngineBusy):
+        return ApiError(503, f"the server is busy: {exc}", "server_busy", {"Retry-After": "1"})
+    if isinstance(exc, EngineClosed):
+        return ApiError(503, "the server is shutting down; retry on another replica", "shutting_down")
+    return None
+
+
 def _server_error(exc: Exception) -> ApiError:
-    """A failure the client did not cause, logged here: 507 for a full disk (the operator's to fix, and
-    requests that write nothing keep working, so it is not an outage), else a generic 500. Details stay
-    in the log: they name server paths."""
+    """A failure the client did not cause, logged here: 503 when the engine refused it (busy, shutting
+    down), 507 for a full disk (the operator's to fix, and requests that write nothing keep working, so
+    it is not an outage), else a generic 500. Details stay in the log: they name server paths."""
+    refusal = _engine_refusal(exc)
+    if refusal is not None:
+        log.warning("request refused: %s", exc)
+        return refusal
     if isinstance(exc, DiskFullError):
         log.error("request failed: %s", exc)
         return ApiError(507, DISK_FULL_MESSAGE, "disk_full")

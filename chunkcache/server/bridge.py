@@ -13,9 +13,9 @@ async def iterate_in_thread(make: Callable[[], Iterator[T]], on_done: Callable[[
                             ) -> AsyncIterator[T]:
     """Yield the items of the blocking generator `make()` without blocking the event loop.
 
-    NOTE: the whole generator runs in one thread because RAGPipeline.events holds an RLock across its
-    yields, and a lock must be released by the thread that took it. If the consumer stops early
-    (client gone), the thread closes the generator at its next item, which releases the model.
+    The generator only waits on its engine ticket; no lock is held across its yields. If the consumer
+    stops early (client gone), the thread closes the generator at its next item, which cancels the
+    request: the engine frees its slot at its next step.
     `on_done` runs in that thread once the generator is finished or closed.
     """
     loop = asyncio.get_running_loop()

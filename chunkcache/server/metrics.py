@@ -2,7 +2,8 @@
 and several apps in one process each count their own."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..answer import Answer
@@ -10,6 +11,8 @@ from ..answer import Answer
 # Seconds: TTFT on the default model runs from ~10 ms (all chunks cached) to seconds (full prefill on CPU).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Inter-token latency: ~60 ms a token alone on 2 CPU threads, more in a big batch or behind a long prefill piece.
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -47,6 +50,23 @@ class Metrics:
                                  "Requests stopped because their client left (before the model, while decoding, "
                                  "or mid-stream)", registry=r)
         self.completion_tokens = Counter("chunkcache_completion_tokens", "Generated tokens", registry=r)
+        # The engine (continuous batching), in the names vLLM's dashboards and autoscalers use.
+        self.running = Gauge("chunkcache_num_requests_running", "Requests admitted by the engine: prefilling or "
+                             "decoding", registry=r)
+        self.waiting = Gauge("chunkcache_num_requests_waiting", "Requests queued for the engine", registry=r)
+        self.kv_bytes = Gauge("chunkcache_kv_cache_bytes", "KV cache memory held by the admitted requests",
+                              registry=r)
+        self.queue_time = Histogram("chunkcache_request_queue_time_seconds", "Time a request waited for the engine",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("chunkcache_inter_token_latency_seconds",
+                             "Time between a request's generated tokens (its mean over the answer)",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("chunkcache_e2e_request_latency_seconds", "Submission to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        if registry is None:  # the standard process_* and python_* series (the global registry has them already)
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -64,6 +84,16 @@ class Metrics:
         self.damaged_entries.inc(s.damaged_chunks)
         self.unstored_chunks.inc(s.unstored_chunks)
         self.completion_tokens.inc(s.completion_tokens)
+        self.queue_time.observe(answer.timings.queue_s)
+        self.e2e.observe(answer.total_s)
+        if s.completion_tokens > 1 and answer.ttft_s is not None:
+            self.itl.observe((answer.total_s - answer.ttft_s) / (s.completion_tokens - 1))
+
+    def observe_engine(self, counts) -> None:
+        """The engine's gauges, read when /metrics is scraped (`counts`: chunkcache.engine.EngineCounts)."""
+        self.running.set(counts.running)
+        self.waiting.set(counts.waiting)
+        self.kv_bytes.set(counts.kv_bytes)
 
     def observe_cancelled(self) -> None:
         self.cancelled.inc()
@@ -84,6 +114,9 @@ class NoMetrics:
         pass
 
     def observe_cancelled(self) -> None:
+        pass
+
+    def observe_engine(self, counts) -> None:
         pass
 
     def render(self) -> bytes:

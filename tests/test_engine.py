@@ -1,0 +1,228 @@
+"""The engine (continuous batching): batched answers equal answers alone, limits hold, failures stay put."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from chunkcache.engine import EngineLimits
+from chunkcache.errors import EngineBusy, QueryError, RequestCancelled
+
+from .conftest import DOCS, open_tiny_pipe
+
+QUESTIONS = ["Where is Mount Everest?", "What carries the most water?", "Who designed the tower?",
+             "Which fair was in 1889?", "Where is Nepal?", "How high is Everest?", "What flows through Brazil?",
+             "Where is the Himalaya?"]
+# Every mode and selection in one batch: probe (batched reuse pass), a check-layer selection (run whole,
+# alone in its step), reuse, epic and full.
+MODES = [dict(mode="blend"), dict(mode="blend", selection="deviation", check_layer=1), dict(mode="reuse"),
+         dict(mode="full"), dict(mode="epic"), dict(mode="blend", recompute_ratio=0.5, selection="impact"),
+         dict(mode="blend", chunk_scale="off"), dict(mode="full", max_new_tokens=3)]
+
+
+@pytest.fixture
+def pipe(tmp_path, tiny_lm, hash_embedder):
+    p = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_new_tokens=12)
+    yield p
+    p.close()
+
+
+def _alone(pipe, question, **kwargs):
+    answer = pipe.query(question, documents=DOCS, **kwargs)
+    assert pipe.engine.counts().running == 0
+    return answer
+
+
+def _together(pipe, kwargs_list):
+    tickets = [pipe.submit(q, documents=DOCS, **kw) for q, kw in zip(QUESTIONS, kwargs_list)]
+    return [[e for e in t][-1] for t in tickets]
+
+
+def test_greedy_answers_batched_with_seven_others_equal_answers_alone(pipe):
+    alone = [_alone(pipe, q, **kw) for q, kw in zip(QUESTIONS, MODES)]
+    steps_before = pipe.engine.counts().steps
+    together = _together(pipe, MODES)
+    counts = pipe.engine.counts()
+    assert counts.peak_batch >= 6  # they did share forwards (the check-layer one prefills alone)
+    assert counts.steps - steps_before < sum(len(a.token_ids) for a in alone)
+    for a, b in zip(alone, together):
+        assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
+        assert b.stats.recomputed_tokens == a.stats.recomputed_tokens
+
+
+def test_seeded_sampling_is_reproducible_per_request_in_a_batch(pipe):
+    sampled = [dict(temperature=1.0, top_p=0.9, seed=i) for i in range(len(QUESTIONS))]
+    alone = [_alone(pipe, q, **kw) for q, kw in zip(QUESTIONS, sampled)]
+    together = _together(pipe, sampled)
+    assert [a.token_ids for a in together] == [a.token_ids for a in alone]
+    assert len({tuple(a.token_ids) for a in alone}) > 1  # not all the same sample
+
+
+def test_a_prefill_split_over_steps_equals_one_prefill(tmp_path, tiny_lm, hash_embedder, pipe):
+    whole = [_alone(pipe, QUESTIONS[0], mode=mode) for mode in ("full", "blend", "reuse")]
+    split = open_tiny_pipe(tmp_path / "split", tiny_lm, hash_embedder, max_new_tokens=12, max_batched_tokens=8,
+                           max_running=4)
+    try:
+        pieces = [split.query(QUESTIONS[0], documents=DOCS, mode=mode) for mode in ("full", "blend", "reuse")]
+        assert split.engine.counts().steps > 100 // 8  # the ~100-token full prefill took many steps
+    finally:
+        split.close()
+    for a, b in zip(whole, pieces):
+        assert b.token_ids == a.token_ids
+
+
+def test_one_request_at_a_time_with_max_running_1(tmp_path, tiny_lm, hash_embedder):
+    one = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_running=1)
+    try:
+        answers = one.query_many(QUESTIONS[:4], documents=DOCS)
+        assert one.engine.counts().peak_batch == 1 and all(a.text for a in answers)
+        # Each later request waited for the ones before it.
+        assert [a.timings.queue_s for a in answers] == sorted(a.timings.queue_s for a in answers)
+    finally:
+        one.close()
+
+
+def test_the_queue_is_bounded(tmp_path, tiny_lm, hash_embedder):
+    p = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_waiting=2)
+    try:
+        with p.rt.lock:  # the engine cannot take a step, so submissions stay queued
+            first = [p.submit(q, documents=DOCS) for q in QUESTIONS[:2]]
+            time.sleep(0.05)
+            with pytest.raises(EngineBusy, match="max_waiting=2"):
+                p.submit(QUESTIONS[2], documents=DOCS)
+        assert all(list(t)[-1].text for t in first)
+    finally:
+        p.close()
+
+
+def test_kv_memory_is_accounted_so_requests_wait_for_it(tmp_path, tiny_lm, hash_embedder, pipe):
+    staged = pipe._plan(pipe._request(QUESTIONS[0], None, DOCS, "blend", None, 8, 0.0, 1.0, 0, None, None))
+    one = pipe.kv_bytes(staged)
+    p = open_tiny_pipe(tmp_path / "tight", tiny_lm, hash_embedder, max_kv_bytes=int(one * 1.5))
+    try:
+        answers = p.query_many([QUESTIONS[0]] * 3, documents=DOCS)
+        assert p.engine.counts().peak_batch == 1  # only one fitted at a time; the others waited
+        assert len({tuple(a.token_ids) for a in answers}) == 1
+        with pytest.raises(QueryError, match="max_kv_bytes"):
+            p.query(QUESTIONS[0], documents=DOCS, max_new_tokens=200)
+        assert p.engine.counts().kv_bytes == 0
+    finally:
+        p.close()
+
+
+def test_a_failing_prefill_does_not_disturb_the_batch(pipe, monkeypatch):
+    expected = [_alone(pipe, q) for q in QUESTIONS[:4]]
+    place = pipe._place_kv
+
+    def flaky(staged):
+        if staged.req.question == QUESTIONS[1]:
+            raise OSError("disk read failed")
+        place(staged)
+
+    monkeypatch.setattr(pipe, "_place_kv", flaky)
+    tickets = [pipe.submit(q, documents=DOCS) for q in QUESTIONS[:4]]
+    results = []
+    for ticket in tickets:
+        try:
+            results.append(list(ticket)[-1].token_ids)
+        except OSError as exc:
+            results.append(str(exc))
+    assert results == [expected[0].token_ids, "disk read failed", expected[2].token_ids, expected[3].token_ids]
+    assert pipe.engine.counts().kv_bytes == 0
+
+
+def test_a_failing_forward_fails_only_its_request(pipe, monkeypatch):
+    import chunkcache.engine as engine_module
+
+    expected = [_alone(pipe, q) for q in QUESTIONS[:3]]
+    real = engine_module.forward_batch
+    poisoned = set()
+
+    def forward_batch(lm, requests, **kwargs):
+        if any(id(cache) in poisoned for cache, _, _ in requests):
+            raise RuntimeError("boom")
+        return real(lm, requests, **kwargs)
+
+    place = pipe._place_kv
+
+    def mark(staged):
+        place(staged)
+        if staged.req.question == QUESTIONS[2]:
+            poisoned.add(id(staged.cache))
+
+    monkeypatch.setattr(engine_module, "forward_batch", forward_batch)
+    monkeypatch.setattr(pipe, "_place_kv", mark)
+    tickets = [pipe.submit(q, documents=DOCS) for q in QUESTIONS[:3]]
+    assert list(tickets[0])[-1].token_ids == expected[0].token_ids
+    assert list(tickets[1])[-1].token_ids == expected[1].token_ids
+    with pytest.raises(RuntimeError, match="boom"):
+        list(tickets[2])
+
+
+def test_a_reader_that_leaves_frees_its_slot_and_others_go_on(pipe):
+    long = dict(max_new_tokens=40)
+    expected = _alone(pipe, QUESTIONS[1], **long)
+    leaving = pipe.events(QUESTIONS[0], documents=DOCS, **long)
+    next(leaving)  # it has started decoding
+    staying = pipe.submit(QUESTIONS[1], documents=DOCS, **long)
+    leaving.close()  # the consumer stops reading: its ticket is cancelled
+    assert list(staying)[-1].token_ids == expected.token_ids
+    deadline = time.monotonic() + 10
+    while pipe.engine.counts().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pipe.engine.counts().running == 0 and pipe.engine.counts().kv_bytes == 0
+
+
+def test_a_slow_reader_delays_only_itself(pipe):
+    slow = pipe.events(QUESTIONS[0], documents=DOCS, max_new_tokens=30)
+    next(slow)  # then it reads nothing for a while
+    started = time.perf_counter()
+    fast = pipe.query(QUESTIONS[1], documents=DOCS, max_new_tokens=30)
+    assert fast.finish_reason in ("stop", "length") and time.perf_counter() - started < 30
+    rest = list(slow)
+    assert rest[-1].finish_reason in ("stop", "length")
+
+
+def test_a_request_cancelled_while_queued_never_reaches_the_model(pipe):
+    with pipe.rt.lock:
+        ticket = pipe.submit(QUESTIONS[0], documents=DOCS)
+        ticket.cancel()
+    with pytest.raises(RequestCancelled):
+        list(ticket)
+
+
+def test_tenants_stay_isolated_inside_a_batch(pipe):
+    tickets = [pipe.submit(QUESTIONS[0], documents=DOCS, namespace=ns) for ns in ("alpha", "beta")]
+    first = [list(t)[-1] for t in tickets]
+    # Batched together, neither tenant hit the other's just-computed chunks; each computed its own.
+    assert [a.stats.chunk_misses for a in first] == [3, 3]
+    assert {s.key for s in first[0].sources}.isdisjoint(s.key for s in first[1].sources)
+    again = pipe.query(QUESTIONS[0], documents=DOCS, namespace="alpha")
+    assert again.stats.chunk_hits == 3 and [s.key for s in again.sources] == [s.key for s in first[0].sources]
+
+
+def test_query_many_from_many_threads(pipe):
+    expected = {q: _alone(pipe, q).token_ids for q in QUESTIONS}
+    got: dict[str, list[int]] = {}
+
+    def ask(q):
+        got[q] = pipe.query(q, documents=DOCS).token_ids
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in QUESTIONS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == expected
+
+
+def test_limits_are_checked():
+    with pytest.raises(ValueError, match="max_batched_tokens"):
+        EngineLimits(max_running=8, max_batched_tokens=4, max_waiting=1, max_kv_bytes=1)
+    from chunkcache.config import ChunkCacheConfig
+
+    with pytest.raises(ValueError, match="max_running"):
+        ChunkCacheConfig(max_running=0)
+    with pytest.raises(ValueError, match="max_kv_bytes"):
+        ChunkCacheConfig(max_kv_bytes=-5)
