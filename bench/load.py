@@ -1,0 +1,198 @@
+"""Serving under load: continuous batching against one request at a time, side by side in one run.
+
+One process and one model. Two servers (uvicorn on 127.0.0.1) share it: one whose engine admits
+`--max-running` requests at once (the default, 8), one with max_running=1 (today's one-at-a-time
+mode). For each client count (1, 2, 4, 8, 16 by default) and each server, in turn, that many
+clients (threads, each with a keep-alive httpx client) send streamed POST /query requests back to
+back until each has sent `--requests` of them. A client measures TTFT at the first `token` event
+and the latency at the `answer` event; completion tokens come from the answer.
+
+Default workload: the demo store, blend at 0.15, top_k 4, 32 new tokens, the demo questions
+round-robin. Run it on a quiet machine (nothing else using the cores):
+
+    python -m bench.load --threads 2                 # the README table
+    python -m bench.load --clients 1,8 --requests 3  # quick check
+
+Results: bench/results/load/<date>-<model>-t<threads>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench.http import LoopbackServer, configuration, in_worker, open_pipeline, questions, summarize
+
+RESULTS_DIR = Path(__file__).parent / "results" / "load"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default="stores/bench-http", help="store (built from the demo corpus if empty)")
+    p.add_argument("--model", default=None, help="LLM (default: the store's, else the default model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--mode", default="blend", choices=("full", "reuse", "blend", "epic"))
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--clients", default="1,2,4,8,16", help="comma-separated client counts")
+    p.add_argument("--requests", type=int, default=4, help="requests each client sends at each level")
+    p.add_argument("--max-running", type=int, default=8, help="the batching server's engine limit")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    args.queries, args.repeats, args.duration = len(questions(99)), 0, 0.0  # for bench.http.configuration
+    return args
+
+
+def stream_query(http, payload: dict) -> tuple[float, float, int]:
+    """(TTFT at the first token event, latency at the answer event, completion tokens) for one request."""
+    started = time.perf_counter()
+    first = None
+    event = None
+    with http.stream("POST", "/query", json={**payload, "stream": True}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+                if first is None and event in ("token", "answer"):
+                    first = time.perf_counter() - started
+            elif line.startswith("data: ") and event == "answer":
+                answer = json.loads(line[len("data: "):])
+                return first, time.perf_counter() - started, answer["stats"]["completion_tokens"]
+            elif line.startswith("data: ") and event == "error":
+                raise RuntimeError(line)
+    raise RuntimeError("the stream ended without an answer event")
+
+
+def run_level(url: str, clients: int, args: argparse.Namespace) -> dict:
+    import httpx
+
+    qs = questions(99)
+    ttfts, latencies, tokens, errors = [], [], [], []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            for n in range(args.requests):
+                payload = {"question": qs[(index + n * clients) % len(qs)], "mode": args.mode, "top_k": args.top_k,
+                           "max_new_tokens": args.max_new_tokens}
+                try:
+                    ttft, latency, completion = stream_query(http, payload)
+                except (httpx.HTTPError, RuntimeError) as exc:
+                    with lock:
+                        errors.append(str(exc)[:200])
+                    continue
+                with lock:
+                    ttfts.append(ttft)
+                    latencies.append(latency)
+                    tokens.append(completion)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    return {"clients": clients, "requests": len(latencies), "errors": errors, "wall_s": wall,
+            "requests_per_s": len(latencies) / wall, "completion_tokens_per_s": sum(tokens) / wall,
+            "ttft_s": summarize(ttfts) | {"p90": _quantile(ttfts, 0.9)}, "latency_s": summarize(latencies)}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def markdown(config: dict, rows: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    batched, single = rows["batched"], rows["one_at_a_time"]
+    lines = ["| clients | engine | req/s | completion tok/s | TTFT p50 | TTFT p90 | latency p50 | errors |",
+             "|--:|---|--:|--:|--:|--:|--:|--:|"]
+    for name, label in (("batched", f"batched (max_running={args.max_running})"),
+                        ("one_at_a_time", "one at a time (max_running=1)")):
+        for r in rows[name]:
+            lines.append(f"| {r['clients']} | {label} | {r['requests_per_s']:.2f} | {r['completion_tokens_per_s']:.1f} | "
+                         f"{r['ttft_s'].get('median', float('nan')):.2f} s | {r['ttft_s']['p90']:.2f} s | "
+                         f"{r['latency_s'].get('median', float('nan')):.2f} s | {len(r['errors'])} |")
+    by_clients = {r["clients"]: r for r in single}
+    alone = next((r for r in batched if r["clients"] == 1), None)
+    lines.append("")
+    for r in batched:
+        base = by_clients.get(r["clients"])
+        if base and base["completion_tokens_per_s"] > 0:
+            ratio = r["completion_tokens_per_s"] / base["completion_tokens_per_s"]
+            ttft_ratio = r["ttft_s"].get("median", float("nan")) / alone["ttft_s"]["median"] if alone else float("nan")
+            lines.append(f"- {r['clients']} clients: batched completion tok/s = {ratio:.2f}x one at a time; "
+                         f"TTFT p50 = {ttft_ratio:.2f}x the single-client TTFT")
+    lines += ["", "**Configuration:** " + ", ".join(f"{k}={v}" for k, v in config.items())]
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, list[dict]], path: Path, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, label in (("batched", f"batched (max_running={args.max_running})"),
+                        ("one_at_a_time", "one at a time")):
+        xs = [r["clients"] for r in rows[name]]
+        left.plot(xs, [r["completion_tokens_per_s"] for r in rows[name]], marker="o", label=label)
+        right.plot(xs, [r["ttft_s"].get("median", float("nan")) for r in rows[name]], marker="o", label=f"{label} p50")
+        right.plot(xs, [r["ttft_s"]["p90"] for r in rows[name]], marker="x", linestyle="--", label=f"{label} p90")
+    left.set(xlabel="concurrent clients", ylabel="completion tokens / s", xscale="log", title="throughput")
+    right.set(xlabel="concurrent clients", ylabel="TTFT (s)", xscale="log", yscale="log", title="time to first token")
+    for ax in (left, right):
+        ax.set_xticks(args.clients, [str(c) for c in args.clients])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from chunkcache import RAGPipeline
+    from chunkcache.server import NoMetrics, create_app
+
+    pipe = open_pipeline(args)
+    pipe.rt.config = pipe.rt.config.replace(max_running=args.max_running)
+    # The one-at-a-time server: the same runtime (model, store, lock), its own engine with max_running=1.
+    single = RAGPipeline(dataclasses.replace(pipe.rt, config=pipe.rt.config.replace(max_running=1)))
+    config = configuration(pipe, args) | {"clients": args.clients, "requests_per_client": args.requests,
+                                          "max_running": args.max_running}
+    for question in questions(99):  # warm-up: every question's chunks are in the store and the kernels are hot
+        in_worker(lambda q: pipe.query(q, mode=args.mode, top_k=args.top_k, max_new_tokens=2), question)
+    rows: dict[str, list[dict]] = {"batched": [], "one_at_a_time": []}
+    started = time.perf_counter()
+    with LoopbackServer(create_app(pipe, metrics=NoMetrics())) as batched_url, \
+            LoopbackServer(create_app(single, metrics=NoMetrics())) as single_url:
+        for clients in args.clients:
+            for name, url in (("batched", batched_url), ("one_at_a_time", single_url)):
+                print(f"{clients} clients, {name} ...", file=sys.stderr)
+                rows[name].append(run_level(url, clients, args))
+    single.engine.close()
+    pipe.close()
+    config["wall_min"] = round((time.perf_counter() - started) / 60, 1)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"{dt.date.today().isoformat()}-{config['model'].split('/')[-1]}-t{config['torch_threads']}"
+    Path(f"{stem}.json").write_text(json.dumps(dict(config=config, rows=rows), indent=2) + "\n")
+    text = markdown(config, rows, args)
+    Path(f"{stem}.md").write_text(text + "\n")
+    plot(rows, Path(f"{stem}.png"), args)
+    print(text)
+    print(f"\nwrote {stem}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
