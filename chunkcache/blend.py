@@ -9,7 +9,9 @@ Pure functions over positions and scores; `forward.forward_tokens` runs what the
 
 The first chunk sits right after the prefix it was computed after, so its cached KV is already
 what full prefill gives (to the store's dtype): blend neither recomputes nor selects it, and the
-whole budget goes to the chunks that lost their context.
+whole budget goes to the chunks that lost their context. Under a request's own system prompt the
+prefix differs from the one every chunk was computed after, so no chunk is exact
+(`first_chunk_exact` False) and the first chunk is a candidate like the others.
 
 Every mode that reuses chunks can also scale the attention paid to the chunks that lost their
 context (`chunk_key_bias`): each was encoded as if it opened the document, so later tokens give it
@@ -34,6 +36,12 @@ class PromptLayout:
     prefix_len: int
     chunk_lens: tuple[int, ...]
     suffix_len: int
+    first_chunk_exact: bool = True  # the prefix is the one the chunks were computed after
+
+    @property
+    def first_recomputed_chunk(self) -> int:
+        """Index of the first chunk whose cached KV lost its context (the candidates start there)."""
+        return 1 if self.first_chunk_exact else 0
 
     @property
     def chunk_starts(self) -> list[int]:
@@ -63,12 +71,13 @@ def initial_positions(mode: str, layout: PromptLayout, epic_tokens: int = 16) ->
     suffix = torch.arange(layout.suffix_start, layout.num_tokens)
     if mode == "reuse":
         return suffix
+    first = layout.first_recomputed_chunk
     if mode == "blend":
-        return torch.arange(layout.chunk_starts[1] if len(layout.chunk_lens) > 1 else layout.suffix_start,
+        return torch.arange(layout.chunk_starts[first] if len(layout.chunk_lens) > first else layout.suffix_start,
                             layout.num_tokens)
     if mode == "epic":
         heads = [torch.arange(s, s + min(epic_tokens, n))
-                 for s, n in zip(layout.chunk_starts[1:], layout.chunk_lens[1:])]
+                 for s, n in zip(layout.chunk_starts[first:], layout.chunk_lens[first:])]
         return torch.cat(heads + [suffix])
     raise ValueError(f"unknown mode {mode!r}")
 

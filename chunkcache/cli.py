@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="model id shown by /v1/models")
     p.add_argument("--cors-origin", action="append", dest="cors_origins", metavar="ORIGIN",
                    help="let browser pages from ORIGIN call the API (repeatable; '*' for any origin)")
+    p.add_argument("--max-running", type=int, default=None,
+                   help="requests the engine batches at once (default 8; 1 serves one at a time)")
+    p.add_argument("--max-batched-tokens", type=int, default=None,
+                   help="rows in one engine step; a longer prefill is split over steps (default 2048)")
+    p.add_argument("--max-kv-bytes", type=_size, default=None, metavar="BYTES",
+                   help="KV cache memory for the running requests, e.g. 4G (default: a quarter of RAM); "
+                   "requests that do not fit wait")
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -187,7 +194,8 @@ def open_pipeline(args, **extra):
     from .pipeline import RAGPipeline
 
     overrides = overrides_from(args, ("model", "embedder", "device", "threads", "check_layer", "deviation",
-                                      "selection", "chunk_scale", "scale_queries", "max_store_bytes", "document_quota_bytes", "persist_documents"))
+                                      "selection", "chunk_scale", "scale_queries", "max_store_bytes", "document_quota_bytes",
+                                      "persist_documents", "max_running", "max_batched_tokens", "max_kv_bytes"))
     return RAGPipeline.open(args.store, **overrides, **extra)
 
 

@@ -79,7 +79,7 @@ class ChunkCacheConfig:
     chunk_scale: float | str = "calibrated"
     scale_queries: str = "question"  # which queries take S: the "question" (and answer) only, or "all"
     max_new_tokens: int = 128
-    max_question_chars: int = 4000
+    max_question_chars: int = 100_000  # a bound before tokenizing; the model's context decides in tokens
 
     # the engine (chunkcache/engine.py): continuous batching of every request's prefill and decode
     max_running: int = 8  # requests admitted at once; 1 serves them one at a time

@@ -28,7 +28,7 @@ from .forward import KVCache, forward_batch, forward_tokens, new_cache
 from .ingest import IngestReport, PendingChunk, ensure_prefix, ingest_paths, store_chunks
 from .kvcompute import chunk_kv, dense_kv, extract_kv, prefix_cache
 from .generation import Generation
-from .prompt import chunk_token_ids, suffix_token_ids
+from .prompt import ConversationError, PromptTemplate, chunk_token_ids, suffix_token_ids
 from .rope import rerotate_layers
 from .runtime import Runtime
 
@@ -68,6 +68,8 @@ class Request:
     top_k_explicit: bool = True
     chunk_scale: float | str = "calibrated"
     scale_queries: str = "question"
+    system_prompt: str | None = None  # the request's own system prompt (None: the store's)
+    history: tuple[tuple[str, str], ...] = ()  # earlier (role, text) turns, after the chunks
     selection_scores: torch.Tensor | None = None  # benchmark oracles only (see `evaluate`)
     cancelled: Callable[[], bool] | None = None  # polled between decode steps: True stops the request
 
@@ -86,6 +88,7 @@ class Staged:
     cache: KVCache | None = None
     read: tuple[bool, list[bool]] = (True, [])  # whether the prefix's and each chunk's KV came from the store
     sources: list[Source] = field(default_factory=list)
+    template: PromptTemplate | None = None  # the store's, or the one under the request's own system prompt
     positions: torch.Tensor | None = None  # rows computed from layer 0; None until the probe pass chose them
     narrow_at: int | None = None  # a check-layer selection narrows to `selector`'s rows after this layer
     selector: Callable | None = None
@@ -169,13 +172,15 @@ class RAGPipeline:
                temperature: float = 0.0, top_p: float = 1.0, logprobs: int = 0, seed: int | None = None,
                namespace: str | None = None, check_layer: int | None = None, deviation: str | None = None,
                selection: str | None = None, chunk_scale: float | str | None = None,
-               scale_queries: str | None = None, cancelled: Callable[[], bool] | None = None
+               scale_queries: str | None = None, system_prompt: str | None = None,
+               history: Sequence | None = None, cancelled: Callable[[], bool] | None = None
                ) -> Iterator[str | Answer]:
         """Text pieces as they are decoded, then the final `Answer`.
 
         Args:
             question: the user's question (non-empty).
-            top_k: chunks to retrieve (default from config); ignored with `documents`.
+            top_k: chunks to retrieve (default from config); ignored with `documents`. 0 turns retrieval
+                off: the prompt holds no store chunks (for callers that put their context in the question).
             documents: use these texts as the chunks, in order, instead of retrieval; their KVs are
                 computed on a miss, stored and reused by later calls.
             mode: "full", "reuse", "blend" (default) or "epic".
@@ -187,6 +192,11 @@ class RAGPipeline:
                 settings for this request (default from config).
             chunk_scale ("calibrated", "off" or S), scale_queries ("all"/"question"): the attention
                 scale on reused chunks (default from config).
+            system_prompt: this request's own system prompt instead of the store's. Its prefix KV is
+                computed (then kept in memory, per namespace); no chunk is then exact where it sits, so
+                blend may recompute tokens of the first chunk too.
+            history: earlier turns, [{"role": "user"|"assistant", "content": text}, ...] opening with a user
+                turn; they go after the chunks, in the model's chat template, before the question.
             cancelled: polled once the model is free and between decode steps; when it returns True the
                 request stops: before it starts, RequestCancelled; while decoding, an Answer with what
                 was decoded and finish_reason "cancelled" (a server passes "the client has left").
@@ -195,7 +205,7 @@ class RAGPipeline:
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs,
                              seed=seed, namespace=namespace, check_layer=check_layer, deviation=deviation,
                              selection=selection, chunk_scale=chunk_scale, scale_queries=scale_queries,
-                             cancelled=cancelled)
+                             system_prompt=system_prompt, history=history, cancelled=cancelled)
         try:
             yield from ticket
         finally:
@@ -204,13 +214,14 @@ class RAGPipeline:
     def submit(self, question: str, *, top_k=None, documents=None, mode=None, recompute_ratio=None,
                max_new_tokens=None, temperature=0.0, top_p=1.0, logprobs=0, seed=None, namespace=None,
                check_layer=None, deviation=None, selection=None, chunk_scale=None, scale_queries=None,
-               cancelled=None) -> Ticket:
+               system_prompt=None, history=None, cancelled=None) -> Ticket:
         """Queue `question` for the engine and return its ticket at once (arguments as for `events`).
         Iterating the ticket gives the text pieces, then the Answer; `ticket.cancel()` drops it. Raises
         QueryError for an invalid request and EngineBusy when the queue is full."""
         req = self._request(question, top_k, documents, mode, recompute_ratio, max_new_tokens, temperature,
                             top_p, logprobs, seed, namespace, check_layer, deviation, selection,
-                            chunk_scale=chunk_scale, scale_queries=scale_queries)
+                            chunk_scale=chunk_scale, scale_queries=scale_queries, system_prompt=system_prompt,
+                            history=history)
         req.cancelled = cancelled
         return self.engine.submit(req)
 
@@ -239,7 +250,8 @@ class RAGPipeline:
                             kwargs.pop("max_new_tokens"), 0.0, 1.0, 0, None, kwargs.pop("namespace", None),
                             kwargs.pop("check_layer", None), kwargs.pop("deviation", None),
                             kwargs.pop("selection", None), chunk_scale=kwargs.pop("chunk_scale", None),
-                            scale_queries=kwargs.pop("scale_queries", None))
+                            scale_queries=kwargs.pop("scale_queries", None),
+                            system_prompt=kwargs.pop("system_prompt", None), history=kwargs.pop("history", None))
         # Benchmark oracles: blend picks by these per-position scores (bench/oracles.py). Only
         # evaluate() takes them; no serving path does.
         req.selection_scores = kwargs.pop("selection_scores", None)
@@ -270,7 +282,7 @@ class RAGPipeline:
     # -- request handling ----------------------------------------------------------------------
     def _request(self, question, top_k, documents, mode, ratio, max_new_tokens, temperature, top_p, logprobs,
                  seed, namespace, check_layer=None, deviation=None, selection=None, *, chunk_scale=None,
-                 scale_queries=None) -> Request:
+                 scale_queries=None, system_prompt=None, history=None) -> Request:
         cfg = self.config
         if not isinstance(question, str) or not question.strip():
             raise QueryError("the question is empty; ask something")
@@ -286,8 +298,8 @@ class RAGPipeline:
             raise QueryError(str(exc)) from None
         top_k_explicit = top_k is not None
         top_k = cfg.top_k if top_k is None else top_k
-        if not isinstance(top_k, int) or top_k < 1:
-            raise QueryError(f"top_k must be an integer >= 1, got {top_k!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise QueryError(f"top_k must be an integer >= 0 (0: no store chunks), got {top_k!r}")
         if documents is not None:
             documents = list(documents)
             if not documents or len(documents) > MAX_DOCUMENTS:
@@ -314,10 +326,12 @@ class RAGPipeline:
         if blend.check_layer > last_layer:
             raise QueryError(f"check_layer={blend.check_layer} but the model has {last_layer + 1} layers; "
                              f"use 0 to {last_layer}")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise QueryError(f"system_prompt must be text, got {type(system_prompt).__name__}")
         return Request(question, top_k, documents, mode, float(ratio), max_new_tokens, float(temperature),
                        float(top_p), int(logprobs), seed, cfg.namespace if namespace is None else namespace,
                        blend.check_layer, blend.deviation, blend.selection, top_k_explicit, blend.chunk_scale,
-                       blend.scale_queries)
+                       blend.scale_queries, system_prompt, _turns(history))
 
     def _prepare(self, req: Request) -> Prepared:
         """The request's prompt, prefilled alone (what the engine does in steps, batched with others)."""
@@ -335,14 +349,26 @@ class RAGPipeline:
         """Retrieve the chunks and lay the prompt out; no KV is allocated yet (see `kv_bytes`)."""
         started = time.perf_counter()
         timings, stats = Timings(), CacheStats(mode=req.mode)
-        chunks = self._documents(req) if req.documents is not None else self._retrieve(req)
+        if req.documents is not None:
+            chunks = self._documents(req)
+        elif req.top_k == 0:
+            chunks = []  # retrieval off: the question (or the earlier turns) carries its own context
+        else:
+            chunks = self._retrieve(req)
         timings.retrieve_s = time.perf_counter() - started
-        suffix = suffix_token_ids(self.rt.lm.tokenizer, self.rt.template, req.question)
-        chunks, stats.dropped_chunks = self._fit_context(chunks, len(suffix), req.max_new_tokens)
-        layout = PromptLayout(len(self.rt.template.prefix_ids), tuple(len(c.token_ids) for c in chunks), len(suffix))
-        prompt_ids = torch.tensor(list(self.rt.template.prefix_ids) + [t for c in chunks for t in c.token_ids]
-                                  + suffix, dtype=torch.long)
-        return Staged(req, chunks, layout, prompt_ids, stats, timings, started)
+        template = self.rt.template_for(req.system_prompt)
+        try:
+            suffix = suffix_token_ids(self.rt.lm.tokenizer, template, req.question, req.history)
+        except ConversationError as exc:
+            raise QueryError(str(exc)) from None
+        chunks, stats.dropped_chunks = self._fit_context(chunks, len(template.prefix_ids), len(suffix),
+                                                         req.max_new_tokens)
+        # Under a request's own system prompt no chunk sits after the prefix it was computed after.
+        layout = PromptLayout(len(template.prefix_ids), tuple(len(c.token_ids) for c in chunks), len(suffix),
+                              first_chunk_exact=template is self.rt.template)
+        prompt_ids = torch.tensor(list(template.prefix_ids) + [t for c in chunks for t in c.token_ids] + suffix,
+                                  dtype=torch.long)
+        return Staged(req, chunks, layout, prompt_ids, stats, timings, started, template=template)
 
     def kv_bytes(self, staged: Staged) -> int:
         """The memory the request's KV cache takes once placed (prompt plus answer)."""
@@ -356,9 +382,10 @@ class RAGPipeline:
         req, layout = staged.req, staged.layout
         staged.cache = cache = new_cache(self.rt.lm, layout.num_tokens + req.max_new_tokens)
         t = time.perf_counter()
-        prefix_read = req.mode != "full" and self.rt.prefix_key() in self.rt.store.kv  # else computed now
-        hits = self._load(req, staged.chunks, layout, cache, staged.stats) if req.mode != "full" \
-            else [False] * len(staged.chunks)
+        if req.mode == "full":
+            prefix_read, hits = False, [False] * len(staged.chunks)
+        else:
+            prefix_read, hits = self._load(req, staged.template, staged.chunks, layout, cache, staged.stats)
         staged.timings.load_s = time.perf_counter() - t
         staged.read = (prefix_read, hits)
         staged.sources = [Source(c.text, c.source, c.score, c.key.hex(), hit) for c, hit in zip(staged.chunks, hits)]
@@ -436,10 +463,10 @@ class RAGPipeline:
                                  from_request=True))
         return refs
 
-    def _fit_context(self, chunks: list[ChunkRef], suffix_len: int, max_new_tokens: int):
+    def _fit_context(self, chunks: list[ChunkRef], prefix_len: int, suffix_len: int, max_new_tokens: int):
         """Drop the lowest-ranked chunks until the prompt and the answer fit the model's context."""
         limit = self.rt.lm.max_context
-        fixed = len(self.rt.template.prefix_ids) + suffix_len + max_new_tokens
+        fixed = prefix_len + suffix_len + max_new_tokens
         if fixed > limit:
             raise QueryError(f"the prompt without documents ({fixed - max_new_tokens} tokens) plus max_new_tokens="
                              f"{max_new_tokens} exceeds the model's context of {limit} tokens; shorten the question "
@@ -468,14 +495,21 @@ class RAGPipeline:
                      req.namespace, cfg.document_quota_bytes, len(refused))
         return refused
 
-    def _load(self, req: Request, chunks: list[ChunkRef], layout: PromptLayout, cache: KVCache,
-              stats: CacheStats) -> list[bool]:
-        """Fill the cache rows of the prefix and every chunk from the store, computing misses first.
+    def _load(self, req: Request, template: PromptTemplate, chunks: list[ChunkRef], layout: PromptLayout,
+              cache: KVCache, stats: CacheStats) -> tuple[bool, list[bool]]:
+        """Fill the cache rows of the prefix and every chunk from the store, computing misses first ->
+        (whether the prefix's KV was read rather than computed, whether each chunk's was).
 
         A stored entry that fails its checksum (or was evicted meanwhile) is a miss too: it is recomputed into
         the cache, the store's copy is rewritten (best effort: a full disk only logs), and the request goes on.
+        A request's own system prompt makes its own prefix, kept in memory (`Runtime.request_prefix_kv`).
         """
         rt = self.rt
+        prefix_read = True
+        if template is not rt.template:
+            kv, prefix_read = rt.request_prefix_kv(template, req.namespace)
+            cache.k[:, :, :layout.prefix_len].copy_(kv[0])
+            cache.v[:, :, :layout.prefix_len].copy_(kv[1])
         missing = set(rt.store.kv.missing([c.key for c in chunks]))
         unstored = self._unstored(req, chunks, missing)  # computed below for this request only
         if missing - unstored:
@@ -484,13 +518,17 @@ class RAGPipeline:
                 "namespace": req.namespace}) for c in chunks if c.key in missing and c.key not in unstored],
                 embed=False)
         prefix_key = rt.prefix_key()
-        if prefix_key not in rt.store.kv:
-            ensure_prefix(rt)
+        entries = []
+        if template is rt.template:
+            if prefix_key not in rt.store.kv:
+                prefix_read = False
+                ensure_prefix(rt)
+            entries.append((prefix_key, None))
         placed = list(zip(chunks, layout.chunk_starts))
         failed: set[bytes] = set()  # damaged, or evicted by another writer since the misses were stored
         damaged: set[bytes] = set()
         with rt.store.kv.reader() as reader:
-            for key, start in [(prefix_key, None)] + [(c.key, s) for c, s in placed]:
+            for key, start in entries + [(c.key, s) for c, s in placed]:
                 try:
                     entry = reader.kv(key)
                 except CorruptEntryError as exc:
@@ -514,7 +552,7 @@ class RAGPipeline:
         # Only request text's usage orders eviction; corpus entries are evicted blind to who read them.
         rt.store.kv.touch([c.key for c in chunks if c.from_request and c.key not in misses])
         cache.length = layout.suffix_start
-        return [c.key not in misses for c in chunks]
+        return prefix_read and prefix_key not in failed, [c.key not in misses for c in chunks]
 
     def _place(self, entry: torch.Tensor, start: int, layout: PromptLayout, cache: KVCache) -> None:
         """Copy one chunk's stored KV [2, layers, kv_heads, n, head_dim] into the cache at `start`, keys
@@ -522,7 +560,8 @@ class RAGPipeline:
         device = self.rt.lm.device
         entry = entry.to(device, non_blocking=True)
         n = entry.shape[3]
-        delta = torch.full((n,), start - layout.prefix_len, dtype=torch.long, device=device)
+        # Chunks were computed right after the store's prefix (a request's own prefix may be longer or shorter).
+        delta = torch.full((n,), start - len(self.rt.template.prefix_ids), dtype=torch.long, device=device)
         rerotate_layers(entry[0], delta, self.rt.lm.ropes, out=cache.k[:, :, start:start + n])
         cache.v[:, :, start:start + n].copy_(entry[1])
 
@@ -601,6 +640,19 @@ class RAGPipeline:
             engine.close()
         with self.rt.lock:  # a direct call (ingest, evaluate) still running finishes first
             self.rt.close()
+
+
+def _turns(history) -> tuple[tuple[str, str], ...]:
+    """Earlier turns as (role, text) pairs, from pairs or OpenAI-style {"role", "content"} messages."""
+    turns = []
+    for i, turn in enumerate(history or ()):
+        role, text = (turn.get("role"), turn.get("content")) if isinstance(turn, dict) else tuple(turn)
+        if role not in ("user", "assistant") or not isinstance(text, str):
+            raise QueryError(f"history[{i}] must be a user or assistant turn with text, got role {role!r}")
+        turns.append((role, text))
+    if turns and turns[0][0] != "user":
+        raise QueryError("history must open with a user turn (the one the documents go with)")
+    return tuple(turns)
 
 
 def _meta_or_none(reader, key: bytes | None) -> dict | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from store import KV_FORMAT_VERSION, chunk_key
 
 from .config import ChunkCacheConfig
-from .kvcompute import kv_dtype_of
+from .kvcompute import kv_dtype_of, prefix_cache
 from .models import LoadedModel, load_model
 from .prompt import PromptTemplate, build_template
 from .storedir import ChunkStore
@@ -31,9 +32,14 @@ class Runtime:
     embedder: object  # retriever.Embedder
     template: PromptTemplate
     store: ChunkStore
-    # The model runs one request at a time: the layer loop mutates a per-request cache but
-    # shares the model's modules and torch's thread pool.
+    # Held by whoever runs the model (the engine, one step at a time; ingest; the benchmark's direct
+    # calls): the layer loop mutates per-request caches but shares the model's modules and thread pool.
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # Requests' own system prompts: their templates and prefix KVs, most recently used last. Kept in
+    # memory only, so that no request can grow the store with prompts (docs/SECURITY.md).
+    _templates: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _prefix_kvs: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _memo_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, store_dir, config: ChunkCacheConfig | None = None, *, lm: LoadedModel | None = None,
@@ -106,6 +112,33 @@ class Runtime:
         return chunk_key(self.lm.fingerprint, self.template.prefix_ids, token_ids,
                          kv_dtype=self.config.kv_dtype, namespace=ns)
 
+    def template_for(self, system_prompt: str | None) -> PromptTemplate:
+        """The prompt template under a request's own system prompt (None, or the store's: the store's)."""
+        if system_prompt is None or system_prompt == self.config.system_prompt:
+            return self.template
+        with self._memo_lock:
+            template = self._templates.pop(system_prompt, None)
+        if template is None:
+            template = build_template(self.lm.tokenizer, system_prompt, self.config.instruction, trusted=False)
+        with self._memo_lock:
+            _remember(self._templates, system_prompt, template)
+        return template
+
+    def request_prefix_kv(self, template: PromptTemplate, namespace: str) -> tuple[torch.Tensor, bool]:
+        """(KV [2, layers, kv_heads, n, head_dim] of a request's own prefix, computed after nothing, and
+        whether it was already in memory). Kept per namespace: one tenant's prompt is never another's hit."""
+        memo = (namespace, template.prefix_ids)
+        with self._memo_lock:
+            kv = self._prefix_kvs.pop(memo, None)
+        hit = kv is not None
+        if kv is None:
+            ids = list(template.prefix_ids)
+            cache = prefix_cache(self.lm, ids, len(ids))
+            kv = torch.stack((cache.k[:, :, :len(ids)], cache.v[:, :, :len(ids)]))
+        with self._memo_lock:
+            _remember(self._prefix_kvs, memo, kv)
+        return kv, hit
+
     def prefix_key(self) -> bytes:
         # The prefix is computed after nothing; it is shared by every namespace (it holds no user data).
         return chunk_key(self.lm.fingerprint, (), self.template.prefix_ids, kv_dtype=self.config.kv_dtype)
@@ -116,3 +149,12 @@ class Runtime:
 
     def close(self) -> None:
         self.store.close()
+
+
+MAX_REQUEST_PREFIXES = 32  # custom system prompts remembered (templates and prefix KVs, each)
+
+
+def _remember(memo: OrderedDict, key, value) -> None:
+    memo[key] = value
+    while len(memo) > MAX_REQUEST_PREFIXES:
+        memo.popitem(last=False)

@@ -80,21 +80,38 @@ def plain_offsets(tokenizer, text: str) -> list[tuple[int, int]]:
 
 
 def encode_around(tokenizer, before: str, untrusted: str, after: str) -> list[int]:
-    """Token ids of template text `before`, then untrusted text, then template text `after`.
+    """Token ids of template text `before`, then untrusted text, then template text `after`."""
+    return encode_interleaved(tokenizer, [before, after], [untrusted])
 
-    The template's control tokens stay control tokens and the untrusted text's are plain text. The plain
-    span runs from the last control token of `before` to the first of `after`: a tokenizer splits at
-    control tokens before anything else, so text without special-token strings gets exactly the ids
-    it would get tokenized in one piece.
+
+def encode_interleaved(tokenizer, template: list[str], untrusted: list[str]) -> list[int]:
+    """Token ids of template[0], untrusted[0], template[1], ..., untrusted[-1], template[-1].
+
+    The template's control tokens stay control tokens and the untrusted texts' are plain text. Each plain
+    span runs from the last control token of one template piece to the first of the next one (or further,
+    across a piece without any): a tokenizer splits at control tokens before anything else, so text
+    without special-token strings gets exactly the ids it would get tokenized in one piece.
     """
+    if len(template) != len(untrusted) + 1:
+        raise ValueError("need one more template piece than untrusted texts")
     pattern = _control_pattern(tokenizer)
-    cut_before = max((m.end() for m in pattern.finditer(before)), default=0) if pattern else 0
-    first_after = pattern.search(after) if pattern else None
-    cut_after = first_after.start() if first_after else len(after)
-    ids = encode_template(tokenizer, before[:cut_before]) if cut_before else []
-    ids += encode_plain(tokenizer, before[cut_before:] + untrusted + after[:cut_after])
-    if cut_after < len(after):
-        ids += encode_template(tokenizer, after[cut_after:])
+    ids: list[int] = []
+    plain = ""
+    for index, piece in enumerate(template):
+        controls = list(pattern.finditer(piece)) if pattern else []
+        if controls:
+            first, last = controls[0].start(), controls[-1].end()
+            plain += piece[:first]
+            if plain:
+                ids += encode_plain(tokenizer, plain)
+            ids += encode_template(tokenizer, piece[first:last])
+            plain = piece[last:]
+        else:
+            plain += piece
+        if index < len(untrusted):
+            plain += untrusted[index]
+    if plain:
+        ids += encode_plain(tokenizer, plain)
     return ids
 
 

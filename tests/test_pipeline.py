@@ -79,7 +79,7 @@ def test_context_overflow_drops_lowest_ranked_chunks(tiny_pipe):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(question="  "), "empty"),
-    (dict(top_k=0), "top_k"),
+    (dict(top_k=-1), "top_k"),
     (dict(mode="fast"), "unknown mode"),
     (dict(recompute_ratio=1.5), r"\[0, 1\]"),
     (dict(recompute_ratio=-0.1), r"\[0, 1\]"),
@@ -92,7 +92,9 @@ def test_context_overflow_drops_lowest_ranked_chunks(tiny_pipe):
     (dict(deviation="both"), "deviation"),
     (dict(check_layer=4), r"check_layer=4 but the model has 4 layers; use 0 to 3"),  # the tiny model: 4 layers
     (dict(check_layer=1024), "check_layer=1024"),
-    (dict(question="x" * 5000), "limit"),
+    (dict(question="x" * 100_001), "limit"),
+    # Long questions are bounded by the model's context (2,048 tokens here), counted in tokens.
+    (dict(question="word " * 3000, documents=DOCS), r"exceeds the model's context of 2048 tokens"),
 ])
 def test_bad_requests_are_refused_clearly(tiny_pipe, kwargs, match):
     question = kwargs.pop("question", Q)

@@ -215,10 +215,10 @@ def test_query_stream(client):
 @pytest.mark.parametrize("payload, field", [
     ({}, "question"),
     ({"question": ""}, "question"),
-    ({"question": "x" * 4001}, "question"),
+    ({"question": "x" * 100_001}, "question"),
     ({"question": "q", "max_new_tokens": 0}, "max_new_tokens"),
     ({"question": "q", "max_new_tokens": 2049}, "max_new_tokens"),
-    ({"question": "q", "top_k": 0}, "top_k"),
+    ({"question": "q", "top_k": -1}, "top_k"),
     ({"question": "q", "top_k": 33}, "top_k"),
     ({"question": "q", "documents": []}, "documents"),
     ({"question": "q", "documents": ["d"] * 65}, "documents"),
@@ -514,14 +514,17 @@ def test_models(client):
 
 
 def test_chat_completion_shape(client, store_pipe):
+    # The system message is the request's own system prompt; its prefix KV is computed once, then kept.
+    for _ in range(2):  # the first computes it, the second is what the server will do
+        direct = store_pipe.query("Where is Everest?", documents=DOCS, max_new_tokens=5,
+                                  system_prompt="Answer briefly.")
     r = client.post("/v1/chat/completions", json={
-        "model": "tiny-random-0", "messages": [{"role": "system", "content": "ignored"},
+        "model": "tiny-random-0", "messages": [{"role": "system", "content": "Answer briefly."},
                                           {"role": "user", "content": [{"type": "text", "text": "Where is "},
                                                                        {"type": "text", "text": "Everest?"}]}],
         "documents": DOCS, "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 2})
     assert r.status_code == 200, r.text
     body = r.json()
-    direct = store_pipe.query("Where is Everest?", documents=DOCS, max_new_tokens=5)
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["model"] == "tiny-random-0"
     choice = body["choices"][0]
@@ -537,6 +540,30 @@ def test_chat_completion_shape(client, store_pipe):
     assert body["chunkcache"]["stats"]["chunk_hits"] == 3
 
 
+def test_chat_honours_the_system_message_and_earlier_turns(client, store_pipe):
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "My name is Ada."},
+                {"role": "assistant", "content": "Hello Ada."}, {"role": "user", "content": "What is my name?"}]
+    body = client.post("/v1/chat/completions", json={"messages": messages, "documents": DOCS, "max_tokens": 4}).json()
+    direct = store_pipe.query("What is my name?", documents=DOCS, max_new_tokens=4, system_prompt="Be terse.",
+                              history=messages[1:3])
+    assert body["choices"][0]["message"]["content"] == direct.text
+    assert body["usage"]["prompt_tokens"] == direct.stats.prompt_tokens
+    alone = store_pipe.query("What is my name?", documents=DOCS, max_new_tokens=4)
+    assert direct.stats.prompt_tokens > alone.stats.prompt_tokens  # the system prompt and turns are in it
+
+
+def test_query_takes_a_system_prompt_turns_and_retrieval_off(client, store_pipe):
+    extra = {"system_prompt": "Be terse.", "history": [{"role": "user", "content": "I am Ada."},
+                                                       {"role": "assistant", "content": "Hi Ada."}]}
+    r = client.post("/query", json={"question": "What is my name?", "top_k": 0, "max_new_tokens": 3, **extra})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    direct = store_pipe.query("What is my name?", top_k=0, max_new_tokens=3, **extra)
+    assert body["sources"] == [] and body["token_ids"] == direct.token_ids
+    r = client.post("/query", json={"question": "q", "history": [{"role": "system", "content": "x"}]})
+    assert r.status_code == 422 and "history" in r.json()["error"]["message"]
+
+
 def test_chat_logprobs_without_top_logprobs(client):
     body = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Amazon?"}], "documents": DOCS[:1], "max_tokens": 3,
@@ -549,9 +576,13 @@ def test_chat_logprobs_without_top_logprobs(client):
     ({"stop": ["\n"]}, "stop sequences are not supported"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools are not supported"),
     ({"top_logprobs": 2}, "top_logprobs needs logprobs=true"),
-    ({"messages": [{"role": "system", "content": "s"}]}, "no user message"),
+    ({"messages": [{"role": "system", "content": "s"}]}, "the last message must be the user's question"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "assistant prefill is not supported"),
+    ({"messages": [{"role": "tool", "content": "r"}, {"role": "user", "content": "q"}]},
+     "tool messages are not supported"),
     ({"messages": [{"role": "user", "content": "  "}]}, "the last user message is empty"),
-    ({"messages": [{"role": "user", "content": "x" * 4001}]}, "the last user message has 4001 characters"),
+    ({"messages": [{"role": "user", "content": "x" * 100_001}]}, "the last user message has 100001 characters"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "only text content"),
     ({"messages": []}, "messages:"),
     ({"max_tokens": 0}, "max_tokens:"),
@@ -673,7 +704,8 @@ def test_metrics_are_per_app_and_can_be_disabled(store_pipe):
 def test_openapi_schema_states_the_bounds(client):
     schema = client.get("/openapi.json").json()
     query = schema["components"]["schemas"]["QueryRequest"]["properties"]
-    assert query["question"]["maxLength"] == 4000
+    assert query["question"]["maxLength"] == 100_000
+    assert query["top_k"]["anyOf"][0]["minimum"] == 0  # 0: retrieval off
     assert query["max_new_tokens"]["anyOf"][0]["maximum"] == 2048
     assert schema["paths"]["/query"]["post"]["responses"]["422"]
 

@@ -78,20 +78,33 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
     Document = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_document_chars)]
     Documents = Annotated[list[Document], Field(min_length=1, max_length=limits.max_documents)]
     MaxTokens = Annotated[int, Field(ge=1, le=limits.max_new_tokens)]
-    TopK = Annotated[int, Field(ge=1, le=limits.max_top_k)]
+    TopK = Annotated[int, Field(ge=0, le=limits.max_top_k)]  # 0: no store chunks (the prompt brings its own)
     Ratio = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
     Temperature = Annotated[float, Field(ge=0.0, le=limits.max_temperature, allow_inf_nan=False)]
     CheckLayer = Annotated[int, Field(ge=0, le=limits.max_check_layer)]
     Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+
+    class Turn(BaseModel):
+        """An earlier turn of the conversation (it goes after the chunks, before the question)."""
+
+        model_config = ConfigDict(extra="forbid")
+        role: Literal["user", "assistant"]
+        content: str = Field(max_length=limits.max_question_chars)
 
     class QueryRequest(BaseModel):
         """A question over the store (or over `documents`), with chunkcache's own settings."""
 
         model_config = ConfigDict(extra="forbid")
         question: str = Field(min_length=1, max_length=limits.max_question_chars)
-        top_k: TopK | None = Field(default=None, description="chunks to retrieve (default from the store config)")
+        top_k: TopK | None = Field(default=None, description="chunks to retrieve (default from the store config); 0 "
+                                   "turns retrieval off: only `documents`, if any, are chunks")
         documents: Documents | None = Field(default=None, description="use these texts as the chunks instead "
                                             "of retrieval; their KVs are cached for later requests")
+        system_prompt: str | None = Field(default=None, max_length=limits.max_question_chars,
+                                          description="this request's own system prompt instead of the store's")
+        history: list[Turn] | None = Field(default=None, max_length=limits.max_messages,
+                                           description="earlier turns, opening with a user turn; they go after "
+                                           "the chunks, before the question")
         mode: Mode | None = None
         recompute_ratio: Ratio | None = None
         max_new_tokens: MaxTokens | None = None
@@ -112,8 +125,10 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
             return kwargs
 
     class ChatCompletionRequest(BaseModel):
-        """OpenAI's chat completion request; the last user message is the question. Fields the server
-        cannot honour are refused rather than ignored; unknown fields are ignored."""
+        """OpenAI's chat completion request. The last message is the question (a user message); system and
+        developer messages make the request's system prompt; earlier user and assistant turns go after the
+        chunks, before the question. Fields the server cannot honour are refused rather than ignored;
+        unknown fields are ignored."""
 
         model_config = ConfigDict(extra="ignore")
         model: str | None = Field(default=None, max_length=256)
@@ -161,6 +176,11 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
                 raise ValueError("only response_format {'type': 'text'} is supported")
             if self.top_logprobs and not self.logprobs:
                 raise ValueError("top_logprobs needs logprobs=true")
+            roles = {m.role for m in self.messages} - {"system", "developer", "user", "assistant"}
+            if roles:
+                raise ValueError(f"{', '.join(sorted(roles))} messages are not supported (no tools)")
+            if self.messages[-1].role != "user":
+                raise ValueError("the last message must be the user's question (assistant prefill is not supported)")
             question = self.question()
             if not question.strip():
                 raise ValueError("the last user message is empty; ask something")
@@ -175,6 +195,19 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
                     return message.text()
             raise ValueError("no user message: the last user message is the question")
 
+        def conversation(self) -> dict[str, Any]:
+            """The system prompt (system and developer messages, joined) and the earlier turns, as pipeline
+            arguments; none when the request is the question alone."""
+            system = [m.text() for m in self.messages if m.role in ("system", "developer")]
+            turns = [{"role": m.role, "content": m.text()} for m in self.messages[:-1]
+                     if m.role in ("user", "assistant")]
+            out: dict[str, Any] = {}
+            if system:
+                out["system_prompt"] = "\n\n".join(system)
+            if turns:
+                out["history"] = turns
+            return out
+
         def pipeline_kwargs(self) -> dict[str, Any]:
             kwargs = self.model_dump(include={"documents", "top_k", "mode", "recompute_ratio", "check_layer",
                                               "deviation", "selection", "chunk_scale", "scale_queries", "seed"},
@@ -188,7 +221,7 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
             if self.logprobs:
                 # The pipeline reports the chosen token's log-probability beside its top-k list.
                 kwargs["logprobs"] = max(1, self.top_logprobs or 0)
-            return kwargs
+            return kwargs | self.conversation()
 
     return QueryRequest, ChatCompletionRequest
 

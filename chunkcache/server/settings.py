@@ -18,7 +18,9 @@ ADMIN_KEY_ENV = "CHUNKCACHE_ADMIN_KEY"
 class Limits:
     """Bounds on every request field; the request models (and so the OpenAPI schema) are built from them."""
 
-    max_question_chars: int = 4000
+    # A bound on the work before tokenizing; whether the prompt fits is then checked in tokens against
+    # the model's context (a 422 says by how much it does not).
+    max_question_chars: int = 100_000
     max_new_tokens: int = 2048
     max_top_k: int = 32
     max_documents: int = 64  # the pipeline's own cap (pipeline.MAX_DOCUMENTS)
