@@ -67,7 +67,9 @@ def markdown(result: dict, json_path: Path, image: str | None = None) -> str:
               f"{c['epic_tokens']}, {c['threads']} threads, torch {c['torch']}, transformers {c['transformers']}, "
               f"CPU {c['cpu']}, commit `{c['git_commit'][:12]}`{' (tracked files modified)' if c['git_dirty'] else ''}; "
               f"{full['prompt_tokens_mean']:,.0f} prompt tokens on average; data `{c['data']}`; "
-              f"{result['seconds_total'] / 60:.1f} min in all.",
+              f"{result['seconds_total'] / 60:.1f} min in all."
+              + (f" Every mode, full included, ran under the system prompt {c['system_prompt']!r} instead of the "
+                 "store's." if c.get("system_prompt") else ""),
               "", "Store build: " + _store_line(result["store"])]
     lines += split_section(result)
     if image:

@@ -29,7 +29,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -64,11 +64,13 @@ class ModeSpec:
     chunk_scale: float | str | None = None  # None: the pipeline's ("calibrated")
     scale_queries: str | None = None
     oracle: str | None = None  # bench-only selection from full prefill's KV (bench/oracles.py)
+    system_prompt: str | None = None  # the run's --system-prompt (every mode, full included, takes it)
 
     def kwargs(self) -> dict:
         """The `RAGPipeline.evaluate` keyword arguments of this mode (an oracle's scores come apart)."""
         out = {"mode": self.mode}
-        for name in ("recompute_ratio", "deviation", "selection", "check_layer", "chunk_scale", "scale_queries"):
+        for name in ("recompute_ratio", "deviation", "selection", "check_layer", "chunk_scale", "scale_queries",
+                     "system_prompt"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
@@ -155,6 +157,7 @@ class BenchConfig:
     store: Path | None = None  # None: .cache/bench-store/<model>-<kv dtype>
     kv_dtype: str = "float16"
     check_layer: int | None = None  # None: the config default
+    system_prompt: str | None = None  # every mode's own system prompt instead of the store's (None: the store's)
     rebuild_store: bool = False
     warmup: bool = True
     out_dir: Path = RESULTS_DIR
@@ -164,6 +167,9 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.system_prompt is not None and self.cached_full:
+            raise ValueError("--cached-full holds full's references under the store's system prompt; with "
+                             "--system-prompt, full runs for real")
 
     def store_dir(self) -> Path:
         return Path(self.store) if self.store else DEFAULT_STORE_ROOT / f"{slug(self.model)}-{self.kv_dtype}"
@@ -178,7 +184,7 @@ def run_benchmark(cfg: BenchConfig, *, lm=None, embedder=None) -> dict:
 
     from bench import report
 
-    specs = parse_modes(cfg.modes)
+    specs = [replace(s, system_prompt=cfg.system_prompt) for s in parse_modes(cfg.modes)]
     questions = load_questions(cfg.data, cfg.limit)[cfg.first:]
     if not questions:
         raise ValueError(f"no questions left after skipping the first {cfg.first}")
@@ -193,7 +199,8 @@ def run_benchmark(cfg: BenchConfig, *, lm=None, embedder=None) -> dict:
         env = environment(pipe)
         config = {**env, "data": str(cfg.data), "questions": len(questions), "first_question": cfg.first,
                   "free_running": cfg.free_running, "max_new_tokens": cfg.max_new_tokens,
-                  "modes": [s.name for s in specs], "store_dir": str(store_dir), "warmup": cfg.warmup}
+                  "modes": [s.name for s in specs], "store_dir": str(store_dir), "warmup": cfg.warmup,
+                  "system_prompt": cfg.system_prompt}
         print(format_config(config), flush=True)
         store = build_store(pipe, passage_documents(questions, Path(cfg.data).stem), progress=cfg.progress)
         print("store: " + format_store(store), flush=True)
@@ -234,7 +241,7 @@ def run_questions(pipe, questions: list[Question], specs: list[ModeSpec], cfg: B
             if cfg.cached_full:
                 full, full_answer, forced, reference = cached_full(pipe, q, cfg.max_new_tokens)
             else:
-                full, full_answer, forced, reference = run_full(pipe, q, cfg.max_new_tokens)
+                full, full_answer, forced, reference = run_full(pipe, q, cfg.max_new_tokens, specs[0].system_prompt)
             row = {"id": q.id, "question": q.question, "answers": list(q.answers), "full_answer": full_answer,
                    "forced_ids": forced, "modes": {"full": full}}
             bar.update(1)
@@ -273,11 +280,11 @@ def cached_full(pipe, q: Question, max_new_tokens: int):
     return row, ref["full_answer"], list(ref["forced_ids"]), ref["reference"]
 
 
-def run_full(pipe, q: Question, max_new_tokens: int):
+def run_full(pipe, q: Question, max_new_tokens: int, system_prompt: str | None = None):
     """Full prefill's row, its free-running answer text, that answer as forced ids, and full's
     teacher-forced log-probs along it (fp32 [len(forced), vocab]: the fidelity reference)."""
     logprobs, answer = pipe.evaluate(q.question, None, documents=list(q.documents), mode="full",
-                                     max_new_tokens=max_new_tokens)
+                                     max_new_tokens=max_new_tokens, system_prompt=system_prompt)
     forced = forced_ids(answer, pipe.rt.lm, max_new_tokens)
     if logprobs is not None and logprobs.shape[0] >= len(forced):
         reference = logprobs[:len(forced)]
@@ -285,7 +292,7 @@ def run_full(pipe, q: Question, max_new_tokens: int):
         # NOTE: a second full prefill, only because evaluate() does not hand back the free-running
         # steps' distributions (which are exactly full's teacher-forced ones along its own answer).
         reference, _ = pipe.evaluate(q.question, forced, documents=list(q.documents), mode="full",
-                                     max_new_tokens=max_new_tokens, free_running=False)
+                                     max_new_tokens=max_new_tokens, free_running=False, system_prompt=system_prompt)
     row = mode_row(answer, metrics.fidelity(reference, reference), answer.text, q)
     return row, answer.text, forced, reference
 
@@ -432,6 +439,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    help=f"store directory (default {DEFAULT_STORE_ROOT.relative_to(REPO_ROOT)}/<model>-<kv dtype>)")
     p.add_argument("--kv-dtype", default="float16", choices=("float16", "bfloat16", "float32", "int8"))
     p.add_argument("--check-layer", type=int, default=None, help="blend check layer (default: the config's, 0)")
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="every mode (full too) runs under this system prompt instead of the store's: what a "
+                        "request's own system prompt costs (no chunk is then exact where it sits)")
     p.add_argument("--rebuild-store", action="store_true", help="delete the store first, so its build is timed")
     p.add_argument("--no-warmup", action="store_true", help="skip the unrecorded warm-up calls")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where results go (default bench/results)")
@@ -448,6 +458,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     return BenchConfig(data=a.data, limit=limit, first=first, free_running=not a.forced_only, cached_full=a.cached_full,
                        modes=tuple(a.modes.split(",")), max_new_tokens=a.max_new_tokens,
                        threads=a.threads, model=a.model, store=a.store, kv_dtype=a.kv_dtype, check_layer=a.check_layer,
+                       system_prompt=a.system_prompt,
                        rebuild_store=a.rebuild_store, warmup=not a.no_warmup, out_dir=a.out_dir, readme=a.readme,
                        progress=not a.no_progress)
 
