@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 import torch
+from transformers import LogitsProcessorList
 
 from .answer import Answer, CacheStats, Source, Timings
 from .sampling import next_token, top_logprobs
@@ -20,7 +21,8 @@ class Generation:
 
     def __init__(self, tokenizer, eos_token_ids, *, max_new_tokens: int, temperature: float, top_p: float,
                  logprobs: int, seed: int | None, prompt_len: int, started: float, sources: list[Source],
-                 timings: Timings, stats: CacheStats, config: dict,
+                 timings: Timings, stats: CacheStats, config: dict, prompt_ids: torch.Tensor | None = None,
+                 processors: LogitsProcessorList | None = None, stop: tuple[str, ...] = (),
                  cancelled: Callable[[], bool] | None = None, step_logits: list[torch.Tensor] | None = None):
         self.tokenizer = tokenizer
         self.eos = eos_token_ids
@@ -30,6 +32,10 @@ class Generation:
         self.position = prompt_len  # where the last sampled token goes when it is fed back
         self.started = started
         self.sources, self.timings, self.stats, self.config = sources, timings, stats, config
+        self.prompt_ids = prompt_ids  # what the processors see before the answer (penalties)
+        self.processors = processors or LogitsProcessorList()
+        self.stop = stop  # strings that end the answer; the text returned stops before them
+        self.stopped_text: str | None = None  # the answer's text, cut before the stop string that ended it
         self.cancelled = cancelled
         self.step_logits = step_logits  # the benchmark's record of every step's distribution
         self.tokens: list[int] = []
@@ -48,9 +54,12 @@ class Generation:
         if self.cancelled is not None and self.cancelled():
             self.finish_reason = "cancelled"  # nobody waits for the rest: free the model for others
             return []
-        token = next_token(logits, self.temperature, self.top_p, self.generator)
         if self.step_logits is not None:
             self.step_logits.append(logits)
+        if self.processors:
+            seen = torch.cat((self.prompt_ids, torch.tensor(self.tokens, dtype=torch.long)))
+            logits = self.processors(seen[None].to(logits.device), logits[None].float())[0]
+        token = next_token(logits, self.temperature, self.top_p, self.generator)
         if self.ttft is None:
             self.ttft = time.perf_counter() - self.started
         if self.logprobs:
@@ -62,9 +71,17 @@ class Generation:
         if len(self.tokens) >= self.max_new_tokens:
             self.finish_reason = "length"
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        ready = len(text)
+        if self.stop:
+            found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+            if found:
+                self.finish_reason, self.stopped_text = "stop", text[:min(found)]
+                text, ready = self.stopped_text, len(self.stopped_text)
+            else:  # hold back a tail that may yet grow into a stop string
+                ready -= max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         # Hold back a piece that ends inside a multi-byte character until it completes.
-        if len(text) > len(self.emitted) and not text.endswith("\ufffd"):
-            piece, self.emitted = text[len(self.emitted):], text
+        if ready > len(self.emitted) and not text[:ready].endswith("\ufffd"):
+            piece, self.emitted = text[len(self.emitted):ready], text[:ready]
             return [piece]
         return []
 
@@ -78,7 +95,8 @@ class Generation:
 
     def answer(self) -> tuple[list[str], Answer]:
         """The final text pieces not yet emitted (held back mid-character), and the Answer."""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = self.stopped_text if self.stopped_text is not None else \
+            self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         rest = [text[len(self.emitted):]] if len(text) > len(self.emitted) else []
         self.timings.decode_s = time.perf_counter() - self.decode_started
         self.stats.completion_tokens = len(self.tokens)

@@ -31,6 +31,8 @@ from .generation import Generation
 from .prompt import ConversationError, PromptTemplate, chunk_token_ids, suffix_token_ids
 from .rope import rerotate_layers
 from .runtime import Runtime
+from .tokens import encode_plain
+from .sampling import logits_processors
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,11 @@ class Request:
     scale_queries: str = "question"
     system_prompt: str | None = None  # the request's own system prompt (None: the store's)
     history: tuple[tuple[str, str], ...] = ()  # earlier (role, text) turns, after the chunks
+    stop: tuple[str, ...] = ()  # strings that end the answer (not included in it)
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
     selection_scores: torch.Tensor | None = None  # benchmark oracles only (see `evaluate`)
     cancelled: Callable[[], bool] | None = None  # polled between decode steps: True stops the request
 
@@ -138,6 +145,31 @@ class RAGPipeline:
     def config(self) -> ChunkCacheConfig:
         return self.rt.config
 
+    def retrieve(self, question: str, *, top_k: int | None = None) -> list[Source]:
+        """The store's top_k chunks for `question`, best first, without running the model (for frameworks'
+        retrievers); `hit` says whether the chunk's KV is stored."""
+        req = self._request(question, top_k, None, None, None, None, 0.0, 1.0, 0, None, None)
+        with self.rt.lock:
+            chunks = self._retrieve(req) if req.top_k else []
+            missing = set(self.rt.store.kv.missing([c.key for c in chunks]))
+        return [Source(c.text, c.source, c.score, c.key.hex(), c.key not in missing) for c in chunks]
+
+    def tokenize(self, text: str) -> list[int]:
+        """The model's token ids for `text`, as a question is tokenized (special-token strings stay text)."""
+        return encode_plain(self.rt.lm.tokenizer, text)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        vocab = len(self.rt.lm.tokenizer)
+        bad = [t for t in token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise QueryError(f"token ids {bad[:5]} are not in the vocabulary (0 to {vocab - 1})")
+        return self.rt.lm.tokenizer.decode(list(token_ids))
+
+    def embed(self, texts: Sequence[str]):
+        """Unit-norm float32 embeddings [len(texts), dim] from the store's embedder (the retrieval space)."""
+        with self.rt.lock:  # the embedder is shared with ingest and retrieval
+            return self.rt.embedder.encode(list(texts))
+
     def ingest(self, paths, *, progress: bool = True) -> IngestReport:
         return ingest_paths(self.rt, [paths] if isinstance(paths, (str, bytes)) else paths, progress=progress)
 
@@ -173,7 +205,9 @@ class RAGPipeline:
                namespace: str | None = None, check_layer: int | None = None, deviation: str | None = None,
                selection: str | None = None, chunk_scale: float | str | None = None,
                scale_queries: str | None = None, system_prompt: str | None = None,
-               history: Sequence | None = None, cancelled: Callable[[], bool] | None = None
+               history: Sequence | None = None, stop: str | Sequence[str] | None = None,
+               repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+               logit_bias: dict[int, float] | None = None, cancelled: Callable[[], bool] | None = None
                ) -> Iterator[str | Answer]:
         """Text pieces as they are decoded, then the final `Answer`.
 
@@ -197,6 +231,10 @@ class RAGPipeline:
                 blend may recompute tokens of the first chunk too.
             history: earlier turns, [{"role": "user"|"assistant", "content": text}, ...] opening with a user
                 turn; they go after the chunks, in the model's chat template, before the question.
+            stop: up to 4 strings that end the answer (finish_reason "stop"); the text stops before them.
+            repetition_penalty (transformers' multiplicative one, over prompt and answer; 1 = off),
+                frequency_penalty and presence_penalty (OpenAI's, over the answer, in [-2, 2]),
+                logit_bias ({token id: bias in [-100, 100]}): through transformers' logits processors.
             cancelled: polled once the model is free and between decode steps; when it returns True the
                 request stops: before it starts, RequestCancelled; while decoding, an Answer with what
                 was decoded and finish_reason "cancelled" (a server passes "the client has left").
@@ -205,7 +243,9 @@ class RAGPipeline:
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs,
                              seed=seed, namespace=namespace, check_layer=check_layer, deviation=deviation,
                              selection=selection, chunk_scale=chunk_scale, scale_queries=scale_queries,
-                             system_prompt=system_prompt, history=history, cancelled=cancelled)
+                             system_prompt=system_prompt, history=history, stop=stop,
+                             repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                             presence_penalty=presence_penalty, logit_bias=logit_bias, cancelled=cancelled)
         try:
             yield from ticket
         finally:
@@ -213,15 +253,12 @@ class RAGPipeline:
 
     def submit(self, question: str, *, top_k=None, documents=None, mode=None, recompute_ratio=None,
                max_new_tokens=None, temperature=0.0, top_p=1.0, logprobs=0, seed=None, namespace=None,
-               check_layer=None, deviation=None, selection=None, chunk_scale=None, scale_queries=None,
-               system_prompt=None, history=None, cancelled=None) -> Ticket:
+               check_layer=None, deviation=None, selection=None, cancelled=None, **options) -> Ticket:
         """Queue `question` for the engine and return its ticket at once (arguments as for `events`).
         Iterating the ticket gives the text pieces, then the Answer; `ticket.cancel()` drops it. Raises
         QueryError for an invalid request and EngineBusy when the queue is full."""
         req = self._request(question, top_k, documents, mode, recompute_ratio, max_new_tokens, temperature,
-                            top_p, logprobs, seed, namespace, check_layer, deviation, selection,
-                            chunk_scale=chunk_scale, scale_queries=scale_queries, system_prompt=system_prompt,
-                            history=history)
+                            top_p, logprobs, seed, namespace, check_layer, deviation, selection, **options)
         req.cancelled = cancelled
         return self.engine.submit(req)
 
@@ -282,7 +319,8 @@ class RAGPipeline:
     # -- request handling ----------------------------------------------------------------------
     def _request(self, question, top_k, documents, mode, ratio, max_new_tokens, temperature, top_p, logprobs,
                  seed, namespace, check_layer=None, deviation=None, selection=None, *, chunk_scale=None,
-                 scale_queries=None, system_prompt=None, history=None) -> Request:
+                 scale_queries=None, system_prompt=None, history=None, stop=None, repetition_penalty=1.0,
+                 frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None) -> Request:
         cfg = self.config
         if not isinstance(question, str) or not question.strip():
             raise QueryError("the question is empty; ask something")
@@ -331,7 +369,9 @@ class RAGPipeline:
         return Request(question, top_k, documents, mode, float(ratio), max_new_tokens, float(temperature),
                        float(top_p), int(logprobs), seed, cfg.namespace if namespace is None else namespace,
                        blend.check_layer, blend.deviation, blend.selection, top_k_explicit, blend.chunk_scale,
-                       blend.scale_queries, system_prompt, _turns(history))
+                       blend.scale_queries, system_prompt, _turns(history), _stop_strings(stop),
+                       *_penalties(repetition_penalty, frequency_penalty, presence_penalty),
+                       _logit_bias(logit_bias, len(self.rt.lm.tokenizer)))
 
     def _prepare(self, req: Request) -> Prepared:
         """The request's prompt, prefilled alone (what the engine does in steps, batched with others)."""
@@ -611,6 +651,12 @@ class RAGPipeline:
                           temperature=req.temperature, top_p=req.top_p, logprobs=req.logprobs, seed=req.seed,
                           prompt_len=len(prep.prompt_ids), started=prep.started, sources=prep.sources,
                           timings=prep.timings, stats=prep.stats, cancelled=req.cancelled, step_logits=step_logits,
+                          prompt_ids=prep.prompt_ids, stop=req.stop,
+                          processors=logits_processors(prompt_len=len(prep.prompt_ids),
+                                                       repetition_penalty=req.repetition_penalty,
+                                                       frequency_penalty=req.frequency_penalty,
+                                                       presence_penalty=req.presence_penalty,
+                                                       logit_bias=req.logit_bias),
                           config={"mode": req.mode, "recompute_ratio": req.recompute_ratio,
                                   "check_layer": req.check_layer, "deviation": req.deviation,
                                   "selection": req.selection, "chunk_scale": req.chunk_scale,
@@ -640,6 +686,42 @@ class RAGPipeline:
             engine.close()
         with self.rt.lock:  # a direct call (ingest, evaluate) still running finishes first
             self.rt.close()
+
+
+MAX_STOP_STRINGS = 4  # OpenAI's bound
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stops):
+        raise QueryError(f"stop must be up to {MAX_STOP_STRINGS} non-empty strings, got {stop!r}")
+    return stops
+
+
+def _penalties(repetition: float, frequency: float, presence: float) -> tuple[float, float, float]:
+    if not (isinstance(repetition, (int, float)) and 0 < repetition <= 10):
+        raise QueryError(f"repetition_penalty must be in (0, 10] (1 = off), got {repetition!r}")
+    for name, value in (("frequency_penalty", frequency), ("presence_penalty", presence)):
+        if not (isinstance(value, (int, float)) and -2 <= value <= 2):
+            raise QueryError(f"{name} must be in [-2, 2], got {value!r}")
+    return float(repetition), float(frequency), float(presence)
+
+
+def _logit_bias(bias, vocab_size: int) -> dict[int, float] | None:
+    if not bias:
+        return None
+    out = {}
+    for token, value in bias.items():
+        try:
+            token_id = int(token)
+        except (TypeError, ValueError):
+            raise QueryError(f"logit_bias keys must be token ids, got {token!r}") from None
+        if not 0 <= token_id < vocab_size:
+            raise QueryError(f"logit_bias token {token_id} is not in the vocabulary (0 to {vocab_size - 1})")
+        if not (isinstance(value, (int, float)) and -100 <= value <= 100):
+            raise QueryError(f"logit_bias values must be in [-100, 100], got {value!r} for token {token_id}")
+        out[token_id] = float(value)
+    return out
 
 
 def _turns(history) -> tuple[tuple[str, str], ...]:

@@ -1,7 +1,10 @@
-"""Choosing the next token from logits: greedy, or temperature with nucleus (top-p) sampling."""
+"""Choosing the next token from logits: greedy, or temperature with nucleus (top-p) sampling, after the
+request's logits processors (penalties, logit bias)."""
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
 
 GREEDY_BELOW = 1e-4
 
@@ -29,3 +32,32 @@ def top_logprobs(logits: torch.Tensor, token: int, k: int, decode) -> dict:
     return {"token": decode(token), "token_id": token, "logprob": float(logp[token]),
             "top_logprobs": [{"token": decode(int(i)), "token_id": int(i), "logprob": float(v)}
                              for v, i in zip(values, ids)]}
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's frequency and presence penalties, over the generated tokens only: each token's logit
+    drops by frequency_penalty x its count so far, plus presence_penalty once it has appeared.
+    (transformers has no processor for them; its repetition penalty is multiplicative and counts the prompt.)"""
+
+    def __init__(self, frequency_penalty: float, presence_penalty: float, prompt_len: int):
+        self.frequency, self.presence, self.prompt_len = frequency_penalty, presence_penalty, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_len:]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def logits_processors(*, prompt_len: int, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                      presence_penalty: float = 0.0, logit_bias: dict[int, float] | None = None) -> LogitsProcessorList:
+    """transformers' logits processors for a request's decoding options (an empty list when none is set)."""
+    processors = LogitsProcessorList()
+    if logit_bias:
+        processors.append(SequenceBiasLogitsProcessor([[[token], float(bias)] for token, bias in logit_bias.items()]))
+    if repetition_penalty != 1.0:  # transformers' (CTRL's): over the prompt and the answer, as vLLM does
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if frequency_penalty or presence_penalty:
+        processors.append(OpenAIPenalties(frequency_penalty, presence_penalty, prompt_len))
+    return processors

@@ -572,8 +572,11 @@ def test_chat_logprobs_without_top_logprobs(client):
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"n": 2}, "n=2"),
-    ({"stop": ["\n"]}, "stop sequences are not supported"),
+    ({"n": 2, "stream": True}, "n=2 with stream=true is not supported"),
+    ({"n": 9}, "n:"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4 items"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "token ids"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools are not supported"),
     ({"top_logprobs": 2}, "top_logprobs needs logprobs=true"),
     ({"messages": [{"role": "system", "content": "s"}]}, "the last message must be the user's question"),
@@ -588,13 +591,31 @@ def test_chat_logprobs_without_top_logprobs(client):
     ({"max_tokens": 0}, "max_tokens:"),
     ({"temperature": 3}, "temperature:"),
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs:"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty are not supported"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty:"),
 ])
 def test_chat_validation_422(client, extra, message):
     payload = {"messages": [{"role": "user", "content": "q"}], "documents": DOCS[:1], "max_tokens": 2, **extra}
     r = client.post("/v1/chat/completions", json=payload)
     assert r.status_code == 422, r.text
     assert message in r.json()["error"]["message"]
+
+
+def test_chat_decoding_options_and_n_choices(client, store_pipe):
+    question = {"messages": [{"role": "user", "content": "Where is Everest?"}], "documents": DOCS}
+    options = {"stop": ["zzz-never"], "frequency_penalty": 0.4, "presence_penalty": 0.2, "logit_bias": {"42": -5}}
+    body = client.post("/v1/chat/completions", json={**question, "max_tokens": 6, **options}).json()
+    direct = store_pipe.query("Where is Everest?", documents=DOCS, max_new_tokens=6, **options)
+    assert body["choices"][0]["message"]["content"] == direct.text
+    # n choices, sampled with seed, seed+1, ...: each as the same request alone with its seed.
+    body = client.post("/v1/chat/completions", json={**question, "max_tokens": 6, "n": 3, "seed": 7,
+                                                     "temperature": 1.0}).json()
+    texts = [c["message"]["content"] for c in body["choices"]]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert texts == [store_pipe.query("Where is Everest?", documents=DOCS, max_new_tokens=6, seed=7 + i,
+                                      temperature=1.0).text for i in range(3)]
+    usage = body["usage"]  # one prompt, every choice's tokens
+    assert 3 <= usage["completion_tokens"] <= 18
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
 def test_chat_ignores_unknown_fields_and_default_penalties(client):

@@ -20,7 +20,8 @@ KEY = "fuzz-key"
 # (method, path, examples per generation mode): the model-running operations get the most.
 OPERATIONS = [("POST", "/query", 40), ("POST", "/v1/chat/completions", 60), ("GET", "/v1/models", 5),
               ("GET", "/v1/models/{model}", 10), ("GET", "/healthz", 3), ("GET", "/health", 3), ("GET", "/version", 3),
-              ("GET", "/metrics", 3)]
+              ("GET", "/metrics", 3), ("POST", "/v1/completions", 40), ("POST", "/v1/embeddings", 15),
+              ("POST", "/tokenize", 15), ("POST", "/detokenize", 15)]
 PARAMETERLESS = ("/healthz", "/health", "/version")
 
 

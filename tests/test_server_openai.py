@@ -117,6 +117,60 @@ def test_openai_logprobs_and_seed(client):
     assert again.choices[0].message.content == r.choices[0].message.content
 
 
+def test_openai_chat_with_stop_n_and_a_system_message(client, pipe):
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Where is Mount Everest?"}]
+    plain = pipe.query("Where is Mount Everest?", documents=DOCS, max_new_tokens=6, system_prompt="Be terse.")
+    stop = plain.text[3:6]
+    r = client.chat.completions.create(model="tiny-random-0", messages=messages, max_tokens=6, stop=[stop],
+                                       extra_body={"documents": DOCS})
+    assert r.choices[0].message.content == plain.text[:plain.text.find(stop)].strip()
+    assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="tiny-random-0", messages=messages, max_tokens=4, n=2, seed=3,
+                                       temperature=1.0, extra_body={"documents": DOCS})
+    assert len(r.choices) == 2
+
+
+def test_openai_completions(client, pipe):
+    """The legacy completions API, as LlamaIndex's OpenAILike (is_chat_model=False) calls it."""
+    direct = pipe.query("Where is Mount Everest?", documents=DOCS, max_new_tokens=5)
+    r = client.completions.create(model="tiny-random-0", prompt="Where is Mount Everest?", max_tokens=5,
+                                  extra_body={"documents": DOCS})
+    assert r.object == "text_completion" and r.choices[0].text == direct.text
+    assert r.usage.completion_tokens == direct.stats.completion_tokens
+    stream = client.completions.create(model="tiny-random-0", prompt="Where is Mount Everest?", max_tokens=5,
+                                       stream=True, extra_body={"documents": DOCS})
+    assert "".join(c.choices[0].text for c in stream if c.choices).strip() == direct.text
+    r = client.completions.create(model="tiny-random-0", prompt="Where is Mount Everest?", max_tokens=3, logprobs=2,
+                                  extra_body={"documents": DOCS})
+    assert len(r.choices[0].logprobs.tokens) == r.usage.completion_tokens
+    assert all(len(top) == 2 for top in r.choices[0].logprobs.top_logprobs)
+
+
+def test_openai_embeddings_are_the_store_s_embedder(client, pipe):
+    texts = ["Mount Everest is high.", "Rivers flow."]
+    expected = pipe.embed(texts)
+    r = client.embeddings.create(model=pipe.config.embedder, input=texts)  # the client asks for base64
+    assert [d.index for d in r.data] == [0, 1]
+    for row, vector in zip(r.data, expected):
+        assert row.embedding == pytest.approx(vector.tolist(), abs=1e-6)
+    floats = httpx.post(client.base_url.join("embeddings").__str__(), json={"input": texts[0]},
+                        headers={"Authorization": "Bearer key-plain"}, timeout=30).json()
+    assert floats["data"][0]["embedding"] == pytest.approx(expected[0].tolist(), abs=1e-6)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+def test_tokenize_and_detokenize(base_url, pipe):
+    headers = {"Authorization": "Bearer key-plain"}
+    r = httpx.post(f"{base_url}/tokenize", json={"prompt": "Where is <|im_start|> Everest?"}, headers=headers).json()
+    assert r["tokens"] == pipe.tokenize("Where is <|im_start|> Everest?") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 2048
+    back = httpx.post(f"{base_url}/detokenize", json={"tokens": r["tokens"]}, headers=headers).json()
+    assert back["prompt"] == "Where is <|im_start|> Everest?"
+    bad = httpx.post(f"{base_url}/detokenize", json={"tokens": [10**8]}, headers=headers)
+    assert bad.status_code == 422 and "not in the vocabulary" in bad.json()["error"]["message"]
+
+
 def test_openai_models(client):
     assert [m.id for m in client.models.list()] == ["tiny-random-0"]
     assert client.models.retrieve("tiny-random-0").owned_by == "chunkcache"
@@ -130,8 +184,8 @@ def test_an_unknown_model_is_a_404_not_a_silent_substitute(client):
 
 
 def test_openai_errors(client, base_url):
-    with pytest.raises(openai.UnprocessableEntityError, match="only one choice"):
-        chat(client, "q", n=2, extra_body={"documents": DOCS[:1]})
+    with pytest.raises(openai.UnprocessableEntityError, match="with stream=true is not supported"):
+        list(chat(client, "q", n=2, stream=True, extra_body={"documents": DOCS[:1]}))
     with pytest.raises(openai.UnprocessableEntityError, match="store holds only 3 chunks"):
         chat(client, "q", extra_body={"top_k": 9})
     with pytest.raises(openai.UnprocessableEntityError, match="store holds only 3 chunks"):

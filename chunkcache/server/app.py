@@ -30,7 +30,7 @@ from .auth import Authenticator, Caller
 from .bridge import Admission, iterate_in_thread
 from .metrics import Metrics, NoMetrics
 from .middleware import BodyLimit, RequestId, RequestMetrics
-from .openai_format import Completion, logprobs as openai_logprobs
+from .openai_format import Completion, TextCompletion, embeddings, legacy_logprobs, logprobs as openai_logprobs
 from .schemas import ErrorBody, request_models
 from .settings import ServerSettings
 
@@ -94,7 +94,9 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
     metrics = metrics if metrics is not None else Metrics()
     auth = Authenticator(settings)
     admission = Admission(settings.max_pending)
-    QueryRequest, ChatCompletionRequest = request_models(settings.limits)
+    models = request_models(settings.limits)
+    QueryRequest, ChatCompletionRequest, CompletionRequest = models.query, models.chat, models.completion
+    EmbeddingRequest, TokenizeRequest, DetokenizeRequest = models.embedding, models.tokenize, models.detokenize
     factory = None if hasattr(pipeline, "events") else pipeline
     service = Service(pipeline=None if factory else pipeline, owns_pipeline=factory is not None)
 
@@ -204,20 +206,16 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
                                        "content": {"text/event-stream": {}}}})
     async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller),
                                pipe=Depends(ready_pipeline)):
-        """OpenAI-compatible chat: the last user message is the question; retrieval runs over the store
-        unless `documents` is given. `model`, when given, must be the served id (else 404, as OpenAI). System messages and earlier turns are not part of the prompt (its
-        cached prefix is fixed). `usage.prompt_tokens_details.cached_tokens` counts reused KV."""
-        served = _model_identity(pipe, settings)
-        if body.model is not None and body.model != served[0]:
-            # Serving another model under the name asked for would be a silent wrong answer.
-            raise ApiError(404, f"model {body.model!r} not found; this server serves {served[0]!r} (GET /v1/models)",
-                           "model_not_found", param="model")
+        """OpenAI-compatible chat: the last message is the question; system messages make the request's own
+        system prompt and earlier turns go after the chunks. Retrieval runs over the store unless `documents`
+        is given (`top_k: 0`: off). `model`, when given, must be the served id (else 404, as OpenAI).
+        `n` choices are decoded together. `usage.prompt_tokens_details.cached_tokens` counts reused KV."""
+        served = _served(pipe, body.model)
         kwargs = {**body.pipeline_kwargs(), "namespace": auth.namespace(who)}
         top = (body.top_logprobs or 0) if body.logprobs else None
         completion = Completion(*served)
         if not body.stream:
-            answer = await run_query(pipe, body.question(), kwargs, request)
-            return completion.response(answer, top)
+            return completion.response(await run_choices(pipe, body.question(), kwargs, body.n or 1, request), top)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = await open_stream(pipe, body.question(), kwargs)
 
@@ -236,6 +234,73 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
                 yield text
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    def _served(pipe, asked: str | None) -> tuple[str, str | None]:
+        served = _model_identity(pipe, settings)
+        if asked is not None and asked != served[0]:
+            # Serving another model under the name asked for would be a silent wrong answer.
+            raise ApiError(404, f"model {asked!r} not found; this server serves {served[0]!r} (GET /v1/models)",
+                           "model_not_found", param="model")
+        return served
+
+    async def run_choices(pipe, question: str, kwargs: dict, n: int, request: Request) -> list[Answer]:
+        """n choices: n requests the engine batches; seeded ones get seed, seed+1, ... (each reproducible)."""
+        return list(await asyncio.gather(*(
+            run_query(pipe, question, kwargs | ({"seed": kwargs["seed"] + i} if "seed" in kwargs else {}), request)
+            for i in range(n))))
+
+    @app.post("/v1/completions", responses={
+        **QUERY_ERROR_RESPONSES, 200: {"description": "a `text_completion`, or with stream=true its chunks ending "
+                                       "with `data: [DONE]`", "content": {"text/event-stream": {}}}})
+    async def completions(body: CompletionRequest, request: Request, who: Caller = Depends(caller),
+                          pipe=Depends(ready_pipeline)):
+        """OpenAI's (legacy) completions: the prompt is the question, with the same extras as chat
+        (`documents`, `top_k`, `mode`, ...), in the store's prompt template."""
+        completion = TextCompletion(*_served(pipe, body.model))
+        kwargs = {**body.pipeline_kwargs(), "namespace": auth.namespace(who)}
+        if not body.stream:
+            return completion.response(await run_choices(pipe, body.question(), kwargs, body.n or 1, request),
+                                       body.logprobs)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = await open_stream(pipe, body.question(), kwargs)
+
+        def render(event) -> list[str]:
+            if isinstance(event, str):
+                return [_data(completion.text_chunk(event, include_usage=include_usage))]
+            metrics.observe_answer(event)
+            out = [_data(completion.text_chunk("", event.finish_reason, legacy_logprobs(event, body.logprobs),
+                                               include_usage))]
+            if include_usage:
+                out.append(_data(completion.usage_chunk(event)))
+            return out + ["data: [DONE]\n\n"]
+
+        return StreamingResponse(_render_stream(events, render, _data, metrics.observe_cancelled),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.post("/v1/embeddings", responses=QUERY_ERROR_RESPONSES)
+    async def create_embeddings(body: EmbeddingRequest, who: Caller = Depends(caller), pipe=Depends(ready_pipeline)):
+        """Embeddings from the store's own embedder (the space retrieval searches). `model` may be omitted,
+        or name the embedder (as the store's config does, e.g. `default`) or the served model."""
+        embedder = pipe.config.embedder
+        if body.model not in (None, embedder, _model_identity(pipe, settings)[0]):
+            raise ApiError(404, f"model {body.model!r} not found; embeddings come from {embedder!r}",
+                           "model_not_found", param="model")
+        texts = body.texts()
+        vectors = await run_in_threadpool(_guarded, pipe.embed, texts)
+        tokens = sum(len(pipe.tokenize(t)) for t in texts)
+        return embeddings(vectors, embedder, tokens, body.encoding_format)
+
+    @app.post("/tokenize", responses=QUERY_ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest, who: Caller = Depends(caller), pipe=Depends(ready_pipeline)):
+        """The model's token ids for `prompt`, as a question is tokenized (vLLM's shape)."""
+        _served(pipe, body.model)
+        tokens = await run_in_threadpool(_guarded, pipe.tokenize, body.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": pipe.rt.lm.max_context}
+
+    @app.post("/detokenize", responses=QUERY_ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest, who: Caller = Depends(caller), pipe=Depends(ready_pipeline)):
+        _served(pipe, body.model)
+        return {"prompt": await run_in_threadpool(_guarded, pipe.detokenize, body.tokens)}
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models(who: Caller = Depends(caller), pipe=Depends(ready_pipeline)):

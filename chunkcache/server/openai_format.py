@@ -1,4 +1,4 @@
-"""Answers in OpenAI's chat completion shapes (`chat.completion` and `chat.completion.chunk`)."""
+"""Answers in OpenAI's shapes: `chat.completion` (and its chunks), `text_completion`, embeddings."""
 from __future__ import annotations
 
 import time
@@ -11,8 +11,10 @@ from ..answer import Answer
 class Completion:
     """The fields every object of one completion shares (id, created, model)."""
 
+    id_prefix = "chatcmpl-"
+
     def __init__(self, model: str, fingerprint: str | None):
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.system_fingerprint = f"fp_{fingerprint[:12]}" if fingerprint else None
@@ -21,12 +23,15 @@ class Completion:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": self.system_fingerprint}
 
-    def response(self, answer: Answer, top_logprobs: int | None) -> dict:
-        """The whole `chat.completion`; `top_logprobs` None: no logprobs asked for."""
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
-                  "logprobs": logprobs(answer, top_logprobs), "finish_reason": answer.finish_reason}
-        return {**self._head("chat.completion"), "choices": [choice], "usage": usage(answer),
-                "chunkcache": extras(answer)}
+    def response(self, answers: list[Answer], top_logprobs: int | None) -> dict:
+        """The whole `chat.completion`, one choice per answer; `top_logprobs` None: no logprobs asked for."""
+        choices = [{"index": i, "message": {"role": "assistant", "content": a.text, "refusal": None},
+                    "logprobs": logprobs(a, top_logprobs), "finish_reason": a.finish_reason}
+                   for i, a in enumerate(answers)]
+        total = usage(answers[0])  # one prompt; every choice's tokens
+        total["completion_tokens"] = sum(a.stats.completion_tokens for a in answers)
+        total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
+        return {**self._head("chat.completion"), "choices": choices, "usage": total, "chunkcache": extras(answers[0])}
 
     def chunk(self, delta: dict, finish_reason: str | None = None, logprobs_: dict | None = None,
               include_usage: bool = False) -> dict:
@@ -39,6 +44,60 @@ class Completion:
     def usage_chunk(self, answer: Answer) -> dict:
         return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage(answer),
                 "chunkcache": extras(answer)}
+
+
+class TextCompletion(Completion):
+    """`/v1/completions`: OpenAI's legacy `text_completion` objects."""
+
+    id_prefix = "cmpl-"
+
+    def response(self, answers: list[Answer], top_logprobs: int | None) -> dict:
+        choices = [{"index": i, "text": a.text, "logprobs": legacy_logprobs(a, top_logprobs),
+                    "finish_reason": a.finish_reason} for i, a in enumerate(answers)]
+        total = usage(answers[0])
+        total["completion_tokens"] = sum(a.stats.completion_tokens for a in answers)
+        total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
+        return {**self._head("text_completion"), "choices": choices, "usage": total, "chunkcache": extras(answers[0])}
+
+    def text_chunk(self, text: str, finish_reason: str | None = None, logprobs_: dict | None = None,
+                   include_usage: bool = False) -> dict:
+        body = {**self._head("text_completion"),
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs_, "finish_reason": finish_reason}]}
+        if include_usage:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, answer: Answer) -> dict:
+        return {**self._head("text_completion"), "choices": [], "usage": usage(answer), "chunkcache": extras(answer)}
+
+
+def legacy_logprobs(answer: Answer, top: int | None) -> dict | None:
+    """The completions API's `{tokens, token_logprobs, top_logprobs, text_offset}`."""
+    if not top or answer.logprobs is None:
+        return None
+    rows = answer.logprobs[:len(answer.token_ids)]
+    offsets, at = [], 0
+    for row in rows:
+        offsets.append(at)
+        at += len(row["token"])
+    return {"tokens": [r["token"] for r in rows], "token_logprobs": [r["logprob"] for r in rows],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in r["top_logprobs"][:top]} for r in rows],
+            "text_offset": offsets}
+
+
+def embeddings(vectors, model: str, prompt_tokens: int, encoding_format: str) -> dict:
+    """OpenAI's embeddings list; base64 is the float32 bytes, as OpenAI encodes them."""
+    import base64
+
+    import numpy as np
+
+    def encode(v):
+        return base64.b64encode(np.asarray(v, dtype=np.float32).tobytes()).decode() if encoding_format == "base64" \
+            else [float(x) for x in v]
+
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
 def usage(answer: Answer) -> dict:

@@ -3,7 +3,7 @@ the OpenAPI schema states the bounds the server enforces."""
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -72,9 +72,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class RequestModels(NamedTuple):
+    query: type[BaseModel]
+    chat: type[BaseModel]
+    completion: type[BaseModel]
+    embedding: type[BaseModel]
+    tokenize: type[BaseModel]
+    detokenize: type[BaseModel]
+
+
 @lru_cache(maxsize=8)
-def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
-    """(QueryRequest, ChatCompletionRequest) bounded by `limits`."""
+def request_models(limits: Limits) -> RequestModels:
+    """Every endpoint's request model, bounded by `limits`."""
     Document = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_document_chars)]
     Documents = Annotated[list[Document], Field(min_length=1, max_length=limits.max_documents)]
     MaxTokens = Annotated[int, Field(ge=1, le=limits.max_new_tokens)]
@@ -83,6 +92,11 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
     Temperature = Annotated[float, Field(ge=0.0, le=limits.max_temperature, allow_inf_nan=False)]
     CheckLayer = Annotated[int, Field(ge=0, le=limits.max_check_layer)]
     Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+    Stop = str | Annotated[list[str], Field(max_length=4)]
+    Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+    RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)]
+    LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]],
+                          Field(max_length=300)]
 
     class Turn(BaseModel):
         """An earlier turn of the conversation (it goes after the chunks, before the question)."""
@@ -108,6 +122,11 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         mode: Mode | None = None
         recompute_ratio: Ratio | None = None
         max_new_tokens: MaxTokens | None = None
+        stop: Stop | None = Field(default=None, description="up to 4 strings that end the answer (not included)")
+        frequency_penalty: Penalty | None = None
+        presence_penalty: Penalty | None = None
+        repetition_penalty: RepetitionPenalty | None = None
+        logit_bias: LogitBias | None = Field(default=None, description="{token id: bias in [-100, 100]}")
         temperature: Temperature = 0.0
         top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
         logprobs: int = Field(default=0, ge=0, le=limits.max_logprobs)
@@ -142,11 +161,12 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         top_logprobs: int | None = Field(default=None, ge=0, le=limits.max_logprobs)
         stream: bool | None = False
         stream_options: StreamOptions | None = None
-        n: int | None = Field(default=None, ge=1, le=128)
-        stop: str | list[str] | None = None
-        presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
-        frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
-        logit_bias: dict[str, float] | None = None
+        n: int | None = Field(default=None, ge=1, le=limits.max_choices)
+        stop: Stop | None = None
+        presence_penalty: Penalty | None = None
+        frequency_penalty: Penalty | None = None
+        repetition_penalty: RepetitionPenalty | None = None  # vLLM's extension, as transformers defines it
+        logit_bias: LogitBias | None = None
         tools: list[dict[str, Any]] | None = None
         response_format: dict[str, Any] | None = None
         # chunkcache's own fields (openai clients send them with extra_body={...})
@@ -162,16 +182,10 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
 
         @model_validator(mode="after")
         def _supported(self):
-            if self.n not in (None, 1):
-                raise ValueError(f"n={self.n}: only one choice per request (n=1) is supported")
-            if self.stop:
-                raise ValueError("stop sequences are not supported; leave `stop` unset")
+            if (self.n or 1) > 1 and self.stream:
+                raise ValueError(f"n={self.n} with stream=true is not supported; stream one choice, or drop stream")
             if self.tools:
                 raise ValueError("tools are not supported")
-            if self.presence_penalty or self.frequency_penalty:
-                raise ValueError("presence_penalty and frequency_penalty are not supported; leave them 0")
-            if self.logit_bias:
-                raise ValueError("logit_bias is not supported")
             if self.response_format and self.response_format.get("type") != "text":
                 raise ValueError("only response_format {'type': 'text'} is supported")
             if self.top_logprobs and not self.logprobs:
@@ -210,7 +224,9 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
 
         def pipeline_kwargs(self) -> dict[str, Any]:
             kwargs = self.model_dump(include={"documents", "top_k", "mode", "recompute_ratio", "check_layer",
-                                              "deviation", "selection", "chunk_scale", "scale_queries", "seed"},
+                                              "deviation", "selection", "chunk_scale", "scale_queries", "seed",
+                                              "stop", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                                              "logit_bias"},
                                      exclude_none=True)
             max_tokens = self.max_completion_tokens or self.max_tokens
             if max_tokens is not None:
@@ -223,7 +239,95 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
                 kwargs["logprobs"] = max(1, self.top_logprobs or 0)
             return kwargs | self.conversation()
 
-    return QueryRequest, ChatCompletionRequest
+    class CompletionRequest(BaseModel):
+        """OpenAI's (legacy) completion request: the prompt is the question, with the same extras as chat."""
+
+        model_config = ConfigDict(extra="ignore")
+        model: str | None = Field(default=None, max_length=256)
+        prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+        max_tokens: MaxTokens | None = 16  # OpenAI's default for completions
+        temperature: Temperature | None = None
+        top_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+        n: int | None = Field(default=None, ge=1, le=limits.max_choices)
+        seed: Seed | None = None
+        logprobs: int | None = Field(default=None, ge=0, le=limits.max_logprobs)
+        stream: bool | None = False
+        stream_options: StreamOptions | None = None
+        stop: Stop | None = None
+        presence_penalty: Penalty | None = None
+        frequency_penalty: Penalty | None = None
+        repetition_penalty: RepetitionPenalty | None = None
+        logit_bias: LogitBias | None = None
+        echo: bool | None = False
+        suffix: str | None = None
+        best_of: int | None = None
+        documents: Documents | None = None
+        top_k: TopK | None = None
+        mode: Mode | None = None
+        recompute_ratio: Ratio | None = None
+        selection: Selection | None = None
+
+        @model_validator(mode="after")
+        def _supported(self):
+            if self.echo:
+                raise ValueError("echo is not supported")
+            if self.suffix:
+                raise ValueError("suffix (insertion) is not supported")
+            if self.best_of not in (None, 1):
+                raise ValueError("best_of is not supported; use n")
+            if (self.n or 1) > 1 and self.stream:
+                raise ValueError(f"n={self.n} with stream=true is not supported; stream one choice, or drop stream")
+            if not self.question().strip():
+                raise ValueError("the prompt is empty")
+            if len(self.question()) > limits.max_question_chars:
+                raise ValueError(f"the prompt has {len(self.question())} characters; the limit is "
+                                 f"{limits.max_question_chars}")
+            return self
+
+        def question(self) -> str:
+            return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+        def pipeline_kwargs(self) -> dict[str, Any]:
+            kwargs = self.model_dump(include={"documents", "top_k", "mode", "recompute_ratio", "selection", "seed",
+                                              "stop", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                                              "logit_bias"}, exclude_none=True)
+            kwargs["max_new_tokens"] = self.max_tokens or 16
+            kwargs["temperature"], kwargs["top_p"] = sampling(self.temperature or 0.0,
+                                                              1.0 if self.top_p is None else self.top_p)
+            if self.logprobs:
+                kwargs["logprobs"] = self.logprobs
+            return kwargs
+
+    class EmbeddingRequest(BaseModel):
+        """OpenAI's embeddings request, served by the store's embedder."""
+
+        model_config = ConfigDict(extra="ignore")
+        model: str | None = Field(default=None, max_length=256)
+        input: Document | Annotated[list[Document], Field(min_length=1, max_length=limits.max_documents)]
+        encoding_format: Literal["float", "base64"] = "float"
+        dimensions: int | None = None
+
+        @model_validator(mode="after")
+        def _supported(self):
+            if self.dimensions is not None:
+                raise ValueError("dimensions is not supported: the embedder's size is fixed")
+            return self
+
+        def texts(self) -> list[str]:
+            return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    class TokenizeRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        model: str | None = Field(default=None, max_length=256)
+        prompt: str = Field(max_length=limits.max_question_chars)
+
+    class DetokenizeRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        model: str | None = Field(default=None, max_length=256)
+        tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=limits.max_question_chars)
+
+    return RequestModels(QueryRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest,
+                         DetokenizeRequest)
 
 
 def sampling(temperature: float, top_p: float) -> tuple[float, float]:

@@ -27,6 +27,7 @@ class Limits:
     max_document_chars: int = 20_000
     max_logprobs: int = 20  # the pipeline's own cap (pipeline.MAX_LOGPROBS)
     max_messages: int = 256
+    max_choices: int = 8  # `n`: choices per chat request, decoded together by the engine
     max_check_layer: int = 1024
     max_temperature: float = 2.0
     max_body_bytes: int = 2 * 1024 * 1024
