@@ -28,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return subprocess.call([sys.executable, "-m", "bench.run", *argv[1:]])
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parser.parse_args(argv)  # a usage error exits 2 (argparse)
+    level = "ERROR" if args.quiet else args.log_level
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
@@ -37,12 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the store holds every batch written so far; re-run the same command to resume",
               file=sys.stderr)
         return 130
-    except DamagedStoreError as exc:  # refused before LMDB maps the file: never a SIGBUS
+    except (DamagedStoreError, ValueError, RuntimeError, OSError) as exc:  # a runtime error exits 1
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="chunkcache", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"chunkcache {__version__}")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only results and errors")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="chunk, embed and precompute KV caches for files and directories",
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _query_args(p)
     p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
     p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
+    p.add_argument("--create", action="store_true", help="start an empty store if --store does not exist")
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("demo", help="ingest the bundled sample corpus and ask it questions (full vs blend)")
@@ -138,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-kv-bytes", type=_size, default=None, metavar="BYTES",
                    help="KV cache memory for the running requests, e.g. 4G (default: a quarter of RAM); "
                    "requests that do not fit wait")
+    p.add_argument("--mode", choices=MODES, default=None, help="default mode of requests (default blend)")
+    p.add_argument("--ratio", type=float, default=None, dest="recompute_ratio",
+                   help="default blend recompute ratio (default 0.15)")
+    p.add_argument("--top-k", type=int, default=None, help="default chunks retrieved (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default answer length (default 128)")
+    p.add_argument("--create", action="store_true", help="start an empty store if --store does not exist")
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -216,7 +227,18 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def existing_store(args) -> None:
+    """`query` and `serve` read a store: a path where none exists is most likely mistyped, so say so rather
+    than create an empty one (`--create` does; `query --doc` needs none)."""
+    from pathlib import Path
+
+    if not (Path(args.store) / "kv.lmdb").exists() and not args.create and not getattr(args, "documents", None):
+        raise ValueError(f"no store at {args.store}; check --store, build one with `chunkcache ingest PATH --store "
+                         f"{args.store}`, or pass --create to start an empty one")
+
+
 def cmd_query(args) -> int:
+    existing_store(args)
     pipe = open_pipeline(args)
     kwargs = overrides_from(args, ("mode", "top_k", "recompute_ratio", "max_new_tokens", "documents", "seed"))
     kwargs.update(temperature=args.temperature, top_p=args.top_p, logprobs=args.logprobs)
@@ -339,10 +361,11 @@ def cmd_serve(args) -> int:
 
     from .server import serve
 
+    existing_store(args)
     # The server opens the store in the background; refuse a damaged one here, with exit code 1.
     check_data_file(Path(args.store) / "kv.lmdb" / "data.mdb")
-
-    serve(args, lambda: open_pipeline(args))
+    defaults = overrides_from(args, ("mode", "top_k", "recompute_ratio", "max_new_tokens"))
+    serve(args, lambda: open_pipeline(args, **defaults))
     return 0
 
 

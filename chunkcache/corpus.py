@@ -148,7 +148,7 @@ def read_documents(path: Path, *, max_file_bytes: int = MAX_FILE_BYTES) -> FileD
         raise CorpusError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if path.suffix.lower() in JSONL_SUFFIXES:
         return _jsonl_documents(path, text)
-    return FileDocuments([Document(str(path), text, _digest(text))] if text.strip() else [])
+    return FileDocuments([Document(str(path), text, content_digest(text))] if text.strip() else [])
 
 
 def _jsonl_documents(path: Path, text: str) -> FileDocuments:
@@ -170,11 +170,11 @@ def _jsonl_documents(path: Path, text: str) -> FileDocuments:
         if isinstance(record.get("title"), str) and record["title"].strip():
             body = f"{record['title'].strip()}\n{body}"
         if body.strip():
-            out.documents.append(Document(where, body, _digest(body)))
+            out.documents.append(Document(where, body, content_digest(body)))
     return out
 
 
-def _digest(data) -> str:
+def content_digest(data) -> str:
     if isinstance(data, str):
         data = data.encode("utf-8")
     return hashlib.blake2b(data, digest_size=16).hexdigest()

@@ -16,14 +16,15 @@ import logging
 import os
 import time
 from collections import Counter
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .chunker import split_chunks
-from .corpus import SUPPORTED_SUFFIXES, CorpusError, read_documents, scan_paths
+from .chunker import Chunk, split_chunks
+from .corpus import SUPPORTED_SUFFIXES, CorpusError, Document, content_digest, read_documents, scan_paths
 from .kvcompute import chunk_kv, extract_kv, prefix_cache
 from .prompt import chunk_token_ids
 from .runtime import Runtime
@@ -80,7 +81,11 @@ class IngestReport:
         return "\n".join(lines)
 
 
-def ingest_paths(rt: Runtime, paths, *, progress: bool = True) -> IngestReport:
+# A chunker splits a document's text into chunk texts (default: chunker.split_chunks at chunk_tokens).
+Chunker = Callable[[str], list[str]]
+
+
+def ingest_paths(rt: Runtime, paths, *, progress: bool = True, chunker: Chunker | None = None) -> IngestReport:
     """Ingest files and directories into the runtime's store; see the module docstring."""
     started = time.perf_counter()
     scan = scan_paths(paths)
@@ -102,11 +107,57 @@ def ingest_paths(rt: Runtime, paths, *, progress: bool = True) -> IngestReport:
             report.files_unchanged += 1
             report.chunks += record.get("num_chunks", 0)
             continue
-        todo.append((str(path), digest, [c for d in docs for c in document_chunks(rt, d)]))
+        todo.append((str(path), digest, [c for d in docs for c in document_chunks(rt, d, chunker)]))
     if report.files == 0 and not todo:
         raise CorpusError(f"no documents found in {', '.join(map(str, paths))}"
                           + (f" ({len(report.skipped)} file(s) skipped, see below)" if report.skipped else "")
                           + "\n" + "\n".join(f"  {p}: {w}" for p, w in report.skipped.items()))
+    _store_sources(rt, todo, report, progress, on_done=lambda: _mark_removed(rt, paths, {str(f) for f in scan.files}))
+    report.seconds_total = time.perf_counter() - started
+    return report
+
+
+def ingest_texts(rt: Runtime, items, *, progress: bool = True, chunker: Chunker | None = None) -> IngestReport:
+    """Ingest raw texts: strings, or dicts with "text" and optional "source" and "title" (put in front of the
+    text, as in JSONL files). A text's source defaults to its content hash; re-ingesting an unchanged
+    source skips it, and a changed one retires the chunks it no longer has."""
+    started = time.perf_counter()
+    report = IngestReport()
+    todo: list[tuple[str, str, list[PendingChunk]]] = []
+    for number, item in enumerate(items):
+        doc = text_document(item, number)
+        report.files += 1
+        report.documents += 1
+        record = rt.store.kv.get_source(doc.source)
+        if record and record.get("digest") == doc.digest and record.get("complete"):
+            report.files_unchanged += 1
+            report.chunks += record.get("num_chunks", 0)
+            continue
+        todo.append((doc.source, doc.digest, document_chunks(rt, doc, chunker)))
+    _store_sources(rt, todo, report, progress)
+    report.seconds_total = time.perf_counter() - started
+    return report
+
+
+def text_document(item, number: int) -> Document:
+    """A Document from `ingest_texts`' item `number` (a string or {"text", "source", "title"})."""
+    if isinstance(item, str):
+        text, source, title = item, None, None
+    elif isinstance(item, dict) and isinstance(item.get("text"), str):
+        text, source, title = item["text"], item.get("source"), item.get("title")
+    else:
+        raise ValueError(f"text {number} must be a string or a dict with a string 'text', got {type(item).__name__}")
+    if isinstance(title, str) and title.strip():
+        text = f"{title.strip()}\n{text}"
+    if not text.strip():
+        raise ValueError(f"text {number} is empty")
+    digest = content_digest(text)
+    return Document(str(source) if source else f"text:{digest}", text, digest)
+
+
+def _store_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]], report: IngestReport,
+                   progress: bool, on_done: Callable[[], None] = lambda: None) -> None:
+    """Store every source's chunks (computing the missing KVs), record each source, retire stale chunks."""
     ensure_prefix(rt)
     total_missing = len(rt.store.kv.missing([c.key for _, _, chunks in todo for c in chunks]))
     bar = tqdm(total=total_missing, unit="chunk", disable=not progress, desc="ingest", dynamic_ncols=True)
@@ -119,7 +170,7 @@ def ingest_paths(rt: Runtime, paths, *, progress: bool = True) -> IngestReport:
             stale = sorted((set(old.get("keys", [])) | set(old.get("stale", []))) - set(keys))
             rt.store.kv.put_source(source, {"digest": digest, "complete": True, "num_chunks": len(chunks),
                                             "keys": keys, **({"stale": stale} if stale else {})})
-        _mark_removed(rt, paths, {str(f) for f in scan.files})
+        on_done()
         report.chunks_retired = retire_stale(rt)
     except BaseException:
         bar.close()
@@ -131,8 +182,6 @@ def ingest_paths(rt: Runtime, paths, *, progress: bool = True) -> IngestReport:
         raise
     bar.close()
     rt.store.save_index()
-    report.seconds_total = time.perf_counter() - started
-    return report
 
 
 def _mark_removed(rt: Runtime, paths, present: set[str]) -> None:
@@ -143,6 +192,20 @@ def _mark_removed(rt: Runtime, paths, present: set[str]) -> None:
             continue
         stale = sorted(set(record.get("keys", [])) | set(record.get("stale", [])))
         rt.store.kv.put_source(source, {"removed": True, "keys": [], "stale": stale, "num_chunks": 0})
+
+
+def _chunker_pieces(doc, chunker: Chunker) -> list[Chunk]:
+    """A user chunker's texts as Chunks, located in the document where they occur (else start = end = -1)."""
+    texts = chunker(doc.text)
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"the chunker must return a list of strings, got {type(texts).__name__}")
+    pieces, at = [], 0
+    for text in (t for t in texts if t.strip()):
+        start = doc.text.find(text, at)
+        end = start + len(text) if start >= 0 else -1
+        at = end if start >= 0 else at
+        pieces.append(Chunk(text, start, end))
+    return pieces
 
 
 def retire_stale(rt: Runtime) -> int:
@@ -168,10 +231,15 @@ def retire_stale(rt: Runtime) -> int:
     return retired
 
 
-def document_chunks(rt: Runtime, doc) -> list[PendingChunk]:
+def document_chunks(rt: Runtime, doc, chunker: Chunker | None = None) -> list[PendingChunk]:
     chunks = []
-    for number, c in enumerate(split_chunks(doc.text, rt.lm.tokenizer, rt.config.chunk_tokens)):
+    pieces = split_chunks(doc.text, rt.lm.tokenizer, rt.config.chunk_tokens) if chunker is None \
+        else _chunker_pieces(doc, chunker)
+    for number, c in enumerate(pieces):
         ids = chunk_token_ids(rt.lm.tokenizer, c.text)
+        if len(ids) > rt.lm.max_context // 2:
+            raise ValueError(f"{doc.source}: chunk {number} has {len(ids)} tokens; chunks must stay under half the "
+                             f"model's context ({rt.lm.max_context // 2}): make the chunker's pieces smaller")
         meta = {"source": doc.source, "chunk": number, "start": c.start, "end": c.end, "text": c.text,
                 "token_ids": ids, "num_tokens": len(ids)}
         chunks.append(PendingChunk(rt.key_for(ids), ids, c.text, meta))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from .config import MODES, ChunkCacheConfig, check_ratio
 from .engine import Engine, EngineLimits, Ticket, default_kv_bytes
 from .errors import QueryError, RequestCancelled  # noqa: F401  (part of this module's API)
 from .forward import KVCache, forward_batch, forward_tokens, new_cache
-from .ingest import IngestReport, PendingChunk, ensure_prefix, ingest_paths, store_chunks
+from .ingest import Chunker, IngestReport, PendingChunk, ensure_prefix, ingest_paths, ingest_texts, store_chunks
 from .kvcompute import chunk_kv, dense_kv, extract_kv, prefix_cache
 from .generation import Generation
 from .prompt import ConversationError, PromptTemplate, chunk_token_ids, suffix_token_ids
@@ -55,7 +56,7 @@ class ChunkRef:
 class Request:
     question: str
     top_k: int
-    documents: list[str] | None
+    documents: list[tuple[str, str | None]] | None  # (text, source); source None: "documents[i]"
     mode: str
     recompute_ratio: float
     max_new_tokens: int
@@ -170,8 +171,22 @@ class RAGPipeline:
         with self.rt.lock:  # the embedder is shared with ingest and retrieval
             return self.rt.embedder.encode(list(texts))
 
-    def ingest(self, paths, *, progress: bool = True) -> IngestReport:
-        return ingest_paths(self.rt, [paths] if isinstance(paths, (str, bytes)) else paths, progress=progress)
+    def __enter__(self) -> "RAGPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def ingest(self, paths, *, progress: bool = True, chunker: Chunker | None = None) -> IngestReport:
+        """Ingest files and directories (see `chunkcache ingest`). `chunker(text) -> [chunk texts]` replaces
+        the built-in splitter (paragraphs and sentences packed to `chunk_tokens`)."""
+        paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else paths
+        return ingest_paths(self.rt, paths, progress=progress, chunker=chunker)
+
+    def ingest_texts(self, items, *, progress: bool = True, chunker: Chunker | None = None) -> IngestReport:
+        """Ingest raw texts: strings, or dicts with "text" and optional "source" and "title". Re-ingesting an
+        unchanged source is skipped; `chunker` as for `ingest`."""
+        return ingest_texts(self.rt, items, progress=progress, chunker=chunker)
 
     def query(self, question: str, **kwargs) -> Answer:
         """Answer `question`. Keyword arguments: top_k, documents, mode, recompute_ratio, max_new_tokens,
@@ -339,12 +354,12 @@ class RAGPipeline:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise QueryError(f"top_k must be an integer >= 0 (0: no store chunks), got {top_k!r}")
         if documents is not None:
-            documents = list(documents)
+            documents = [_document(d) for d in documents]
             if not documents or len(documents) > MAX_DOCUMENTS:
                 raise QueryError(f"documents must hold 1 to {MAX_DOCUMENTS} texts, got {len(documents)}")
-            bad = [i for i, d in enumerate(documents) if not isinstance(d, str) or not d.strip()]
+            bad = [i for i, (text, _) in enumerate(documents) if not isinstance(text, str) or not text.strip()]
             if bad:
-                raise QueryError(f"documents {bad} are empty or not text")
+                raise QueryError(f"documents {bad} are empty or not text (strings, or dicts with 'text')")
         max_new_tokens = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise QueryError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -497,10 +512,10 @@ class RAGPipeline:
     def _documents(self, req: Request) -> list[ChunkRef]:
         tok = self.rt.lm.tokenizer
         refs = []
-        for i, text in enumerate(req.documents):
+        for i, (text, source) in enumerate(req.documents):
             ids = chunk_token_ids(tok, text)
-            refs.append(ChunkRef(self.rt.key_for(ids, req.namespace), ids, text.strip(), f"documents[{i}]", None,
-                                 from_request=True))
+            refs.append(ChunkRef(self.rt.key_for(ids, req.namespace), ids, text.strip(), source or f"documents[{i}]",
+                                 None, from_request=True))
         return refs
 
     def _fit_context(self, chunks: list[ChunkRef], prefix_len: int, suffix_len: int, max_new_tokens: int):
@@ -686,6 +701,14 @@ class RAGPipeline:
             engine.close()
         with self.rt.lock:  # a direct call (ingest, evaluate) still running finishes first
             self.rt.close()
+
+
+def _document(doc) -> tuple[object, str | None]:
+    """(text, source) from a request document: a string, or a dict with "text" and optional "source"."""
+    if isinstance(doc, dict):
+        source = doc.get("source")
+        return doc.get("text"), None if source is None else str(source)
+    return doc, None
 
 
 MAX_STOP_STRINGS = 4  # OpenAI's bound

@@ -42,7 +42,9 @@ class ChunkStore:
         if readonly and not (self.path / "kv.lmdb").exists():
             raise StoreError(f"no chunkcache store at {self.path}; build one with "
                              f"`chunkcache ingest PATH --store {self.path}`")
-        self.kv = KVStore(self.path, readonly=readonly)
+        # One environment per store per process: a second RAGPipeline on the same store shares it.
+        self.kv = KVStore.shared(self.path, readonly=readonly)
+        self._closed = False
         recorded = (self.kv.manifest or {}).get("max_store_bytes")
         self.kv.max_kv_bytes = max_store_bytes if max_store_bytes is not None else recorded
         self._index: VectorIndex | None = None
@@ -197,7 +199,9 @@ class ChunkStore:
         return self._index
 
     def close(self) -> None:
-        self.kv.close()
+        if not self._closed:  # releases this store's one reference, once
+            self._closed = True
+            self.kv.close()
 
 
 def _disk_full(exc: BaseException, path: Path) -> bool:

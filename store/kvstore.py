@@ -105,6 +105,12 @@ class KVReader:
         self._txn = None
 
 
+# LMDB allows one open environment per file per process (a second one's locks would be released when either
+# closes): `KVStore.shared` hands every opener in a process the same KVStore, reference-counted.
+_SHARED: dict[str, "KVStore"] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 class KVStore:
     """The chunk store: one LMDB environment at `path/kv.lmdb` with named sub-databases.
 
@@ -131,6 +137,8 @@ class KVStore:
         self.path = Path(path)
         self.readonly = readonly
         self._env_path = self.path / "kv.lmdb"
+        self._refs = 1
+        self._shared_key: str | None = None
         if readonly and not (self._env_path / "data.mdb").is_file():
             raise StoreError(f"no store at {self.path}: run `chunkcache ingest PATH --store {self.path}` first")
         if not readonly:
@@ -159,8 +167,35 @@ class KVStore:
 
     # ---- lifecycle
 
+    @classmethod
+    def shared(cls, path: str | os.PathLike, *, readonly: bool = False) -> "KVStore":
+        """This process's KVStore for `path`: opened on first use, then the same object for every opener
+        (reference-counted: each `close()` releases one reference, the last closes the environment). A store
+        open read-only here is not upgraded: opening it for writing meanwhile is refused."""
+        key = os.path.realpath(Path(path) / "kv.lmdb")
+        with _SHARED_LOCK:
+            store = _SHARED.get(key)
+            if store is not None and store._pid == os.getpid() and store._refs > 0:
+                if store.readonly and not readonly:
+                    raise StoreError(f"the store at {path} is open read-only in this process; close it before "
+                                     "opening it for writing")
+                store._refs += 1
+                return store
+            store = cls(path, readonly=readonly)
+            store._shared_key = key
+            _SHARED[key] = store
+            return store
+
     def close(self) -> None:
-        """Close the environment (writing buffered usage first); unusable afterwards. Safe to call twice."""
+        """Close the environment (writing buffered usage first); unusable afterwards. Safe to call twice.
+        A shared store (`KVStore.shared`) closes when its last holder closes it."""
+        with _SHARED_LOCK:
+            if self._refs > 1:
+                self._refs -= 1
+                return
+            self._refs = 0
+            if self._shared_key is not None and _SHARED.get(self._shared_key) is self:
+                del _SHARED[self._shared_key]
         if self._usage and not self.readonly and os.getpid() == self._pid:
             self._flush_usage_best_effort()
         self._env.close()

@@ -22,9 +22,26 @@ def test_help_lists_supported_file_types(capsys):
     assert ".jsonl" in out and ".md" in out and "skipped" in out
 
 
-def test_errors_exit_2_with_a_message(tmp_path, capsys):
-    assert main(["info", "--store", str(tmp_path / "none")]) == 2
+def test_runtime_errors_exit_1_and_usage_errors_2(tmp_path, capsys):
+    assert main(["info", "--store", str(tmp_path / "none")]) == 1
     assert "chunkcache ingest" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["query"])  # no question
+    assert usage.value.code == 2
+
+
+@pytest.mark.parametrize("command", [["query", "what?"], ["serve"]])
+def test_a_mistyped_store_is_refused_not_created(tmp_path, capsys, command):
+    missing = tmp_path / "stores" / "mydcos"
+    assert main([*command, "--store", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"no store at {missing}" in err and "--create" in err
+    assert not missing.exists()
+
+
+def test_quiet_and_log_level_are_global_flags():
+    args = build_parser().parse_args(["--quiet", "--log-level", "debug", "info"])
+    assert args.quiet and args.log_level == "DEBUG"
 
 
 @pytest.mark.slow
@@ -46,7 +63,7 @@ def test_ingest_then_query_json_with_default_models(tmp_path):
     assert answer["stats"]["chunk_hits"] == 1 and answer["ttft_s"] > 0
     assert "Danube" in answer["sources"][0]["text"]
     bad = run_cli("query", "x", "--store", str(store), "--top-k", "5")
-    assert bad.returncode == 2 and "holds only 1 chunks" in bad.stderr
+    assert bad.returncode == 1 and "holds only 1 chunks" in bad.stderr
 
 
 def test_serve_flags_translate_into_settings():
