@@ -215,10 +215,10 @@ def cmd_ingest(args) -> int:
 
     overrides = overrides_from(args, ("model", "embedder", "device", "threads", "chunk_tokens", "kv_dtype",
                                       "index_kind", "max_store_bytes"))
-    pipe = RAGPipeline.open(args.store, **overrides)
-    report = pipe.ingest(args.paths, progress=not args.no_progress)
-    print(report.summary())
-    print(_store_line(pipe))
+    with RAGPipeline.open(args.store, **overrides) as pipe:
+        report = pipe.ingest(args.paths, progress=not args.no_progress)
+        print(report.summary())
+        print(_store_line(pipe))
     if report.skipped:
         # Everything readable is stored; the exit status says that not everything was.
         print(f"error: {len(report.skipped)} path(s) or line(s) skipped (listed above); fix or remove them and "
@@ -239,7 +239,11 @@ def existing_store(args) -> None:
 
 def cmd_query(args) -> int:
     existing_store(args)
-    pipe = open_pipeline(args)
+    with open_pipeline(args) as pipe:
+        return _query(pipe, args)
+
+
+def _query(pipe, args) -> int:
     kwargs = overrides_from(args, ("mode", "top_k", "recompute_ratio", "max_new_tokens", "documents", "seed"))
     kwargs.update(temperature=args.temperature, top_p=args.top_p, logprobs=args.logprobs)
     if args.stream and not args.json:
@@ -299,10 +303,10 @@ def cmd_demo(args) -> int:
 def cmd_info(args) -> int:
     from .storedir import ChunkStore
 
-    store = ChunkStore(args.store, readonly=True)
-    manifest = store.manifest or {}
-    print(json.dumps({"store": str(store.path), "manifest": manifest, "stats": store.kv.stats()}, indent=2,
-                     default=str))
+    with ChunkStore(args.store, readonly=True) as store:
+        manifest = store.manifest or {}
+        print(json.dumps({"store": str(store.path), "manifest": manifest, "stats": store.kv.stats()}, indent=2,
+                         default=str))
     return 0
 
 
@@ -311,11 +315,11 @@ def cmd_verify(args) -> int:
     from .storedir import ChunkStore
 
     if args.repair:
-        pipe = open_pipeline(args)
-        report = repair_store(pipe.rt)
+        with open_pipeline(args) as pipe:
+            report = repair_store(pipe.rt)
     else:
-        store = ChunkStore(args.store, readonly=True)
-        report, _ = verify_store(store)
+        with ChunkStore(args.store, readonly=True) as store:
+            report, _ = verify_store(store)
     print(report.summary())
     return 0 if report.clean else 1
 
@@ -327,18 +331,18 @@ def cmd_gc(args) -> int:
 
     if not (Path(args.store) / "kv.lmdb").is_dir():
         raise ValueError(f"no chunkcache store at {args.store}; nothing to collect")
-    store = ChunkStore(args.store)
-    target = args.to if args.to is not None else (store.manifest or {}).get("max_store_bytes")
-    if target is None:
-        raise ValueError(f"store {args.store} has no max_store_bytes; give the target size: --to BYTES")
-    before = store.kv.kv_bytes()
-    evicted, freed = store.kv.evict_to(target)
-    if args.set_cap:
-        store.write_manifest({**(store.manifest or {}), "max_store_bytes": target})
-    print(f"KV bytes: {before} -> {store.kv.kv_bytes()} (target {target}); evicted {evicted} entries, "
-          f"{freed} bytes" + ("; max_store_bytes recorded" if args.set_cap else ""))
-    if store.kv.kv_bytes() > target:
-        print("the prompt prefix alone is over the target; it is never evicted", file=sys.stderr)
+    with ChunkStore(args.store) as store:
+        target = args.to if args.to is not None else (store.manifest or {}).get("max_store_bytes")
+        if target is None:
+            raise ValueError(f"store {args.store} has no max_store_bytes; give the target size: --to BYTES")
+        before = store.kv.kv_bytes()
+        evicted, freed = store.kv.evict_to(target)
+        if args.set_cap:
+            store.write_manifest({**(store.manifest or {}), "max_store_bytes": target})
+        print(f"KV bytes: {before} -> {store.kv.kv_bytes()} (target {target}); evicted {evicted} entries, "
+              f"{freed} bytes" + ("; max_store_bytes recorded" if args.set_cap else ""))
+        if store.kv.kv_bytes() > target:
+            print("the prompt prefix alone is over the target; it is never evicted", file=sys.stderr)
     return 0
 
 

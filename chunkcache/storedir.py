@@ -198,6 +198,12 @@ class ChunkStore:
                 log.warning("%s; using the rebuilt index from memory", e)
         return self._index
 
+    def __enter__(self) -> "ChunkStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if not self._closed:  # releases this store's one reference, once
             self._closed = True
