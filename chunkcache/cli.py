@@ -14,6 +14,7 @@ from store import DamagedStoreError
 
 from .config import (CHUNK_SCALES, DEVIATIONS, INDEX_KINDS, KV_DTYPES, MODES, SCALE_QUERIES, SELECTIONS,
                      ChunkCacheConfig, cache_home, check_chunk_scale)
+from .config_sources import load_sources
 from .corpus import SUPPORTED_SUFFIXES
 
 DEFAULT_STORE = os.environ.get("CHUNKCACHE_STORE", "stores/default")
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        # Settings from CHUNKCACHE_* variables and the settings file; the flags given win over them.
+        args.settings = load_sources(args.config)
         return args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted: the store holds every batch written so far; re-run the same command to resume",
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chunkcache", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"chunkcache {__version__}")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only results and errors")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a TOML settings file ([pipeline] and [server] tables; default $CHUNKCACHE_CONFIG). "
+                        "Precedence: flags, then CHUNKCACHE_<SETTING> variables, then the file")
     parser.add_argument("--log-level", default="WARNING", type=str.upper,
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,20 +207,27 @@ def overrides_from(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def config_overrides(args, flag_names) -> dict:
+    """ChunkCacheConfig overrides: the environment's and the settings file's, then the flags given."""
+    sources = getattr(args, "settings", None)
+    return {**(sources.config if sources else {}), **overrides_from(args, flag_names)}
+
+
 def open_pipeline(args, **extra):
     from .pipeline import RAGPipeline
 
-    overrides = overrides_from(args, ("model", "embedder", "device", "threads", "check_layer", "deviation",
-                                      "selection", "chunk_scale", "scale_queries", "max_store_bytes", "document_quota_bytes",
-                                      "persist_documents", "max_running", "max_batched_tokens", "max_kv_bytes"))
-    return RAGPipeline.open(args.store, **overrides, **extra)
+    overrides = config_overrides(args, ("model", "embedder", "device", "threads", "check_layer", "deviation",
+                                        "selection", "chunk_scale", "scale_queries", "max_store_bytes",
+                                        "document_quota_bytes", "persist_documents", "max_running",
+                                        "max_batched_tokens", "max_kv_bytes"))
+    return RAGPipeline.open(args.store, **{**overrides, **extra})
 
 
 def cmd_ingest(args) -> int:
     from .pipeline import RAGPipeline
 
-    overrides = overrides_from(args, ("model", "embedder", "device", "threads", "chunk_tokens", "kv_dtype",
-                                      "index_kind", "max_store_bytes"))
+    overrides = config_overrides(args, ("model", "embedder", "device", "threads", "chunk_tokens", "kv_dtype",
+                                        "index_kind", "max_store_bytes"))
     with RAGPipeline.open(args.store, **overrides) as pipe:
         report = pipe.ingest(args.paths, progress=not args.no_progress)
         print(report.summary())

@@ -19,7 +19,7 @@ def serve(args, open_pipeline: Callable[[], RAGPipeline]) -> None:
     same flags as `chunkcache query`). The model loads in the background; /healthz says when it is ready."""
     import uvicorn
 
-    settings = ServerSettings.from_args(args)
+    settings = ServerSettings.from_args(args, base=getattr(getattr(args, "settings", None), "server", None))
     if not settings.auth_enabled and not _is_loopback(args.host):
         log.warning("serving on %s without API keys: anyone who can reach it can use it "
                     "(set CHUNKCACHE_API_KEYS=key or key:tenant,...)", args.host)

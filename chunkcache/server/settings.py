@@ -83,10 +83,13 @@ class ServerSettings:
         return (bool(self.api_keys) or self.admin_key is not None) and not self.public_metrics
 
     @classmethod
-    def from_args(cls, args, environ: Mapping[str, str] = os.environ) -> "ServerSettings":
+    def from_args(cls, args, environ: Mapping[str, str] = os.environ,
+                  base: Mapping[str, object] | None = None) -> "ServerSettings":
         """From `chunkcache serve` flags (api_keys, shared_cache, max_body_bytes, model_name, admin_key where
-        the CLI has them), CHUNKCACHE_API_KEYS and CHUNKCACHE_ADMIN_KEY; API keys from both places are merged,
-        the --admin-key flag wins over the environment."""
+        the CLI has them), CHUNKCACHE_API_KEYS and CHUNKCACHE_ADMIN_KEY, over `base` (settings from the
+        environment and the settings file, chunkcache/config_sources.py). API keys from both places are
+        merged, the --admin-key flag wins over the environment, and a flag given wins over `base`."""
+        base = dict(base or {})
         keys = dict(parse_api_keys(environ.get(API_KEYS_ENV, "")))
         for item in getattr(args, "api_keys", None) or ():
             keys.update(parse_api_keys(item))
@@ -94,9 +97,11 @@ class ServerSettings:
         if getattr(args, "max_body_bytes", None):
             limits = Limits(**{**vars(limits), "max_body_bytes": args.max_body_bytes})
         admin_key = getattr(args, "admin_key", None) or environ.get(ADMIN_KEY_ENV) or None
-        return cls(api_keys=keys, shared_cache=bool(getattr(args, "shared_cache", False)), limits=limits,
-                   model_name=getattr(args, "model_name", None), admin_key=admin_key,
-                   cors_origins=tuple(getattr(args, "cors_origins", None) or ()))
+        flags = {"shared_cache": getattr(args, "shared_cache", False) or None,
+                  "model_name": getattr(args, "model_name", None),
+                  "cors_origins": tuple(getattr(args, "cors_origins", None) or ()) or None}
+        chosen = {**base, **{k: v for k, v in flags.items() if v is not None}}
+        return cls(api_keys=keys, limits=limits, admin_key=admin_key, **chosen)
 
 
 def parse_api_keys(text: str) -> dict[str, str | None]:
