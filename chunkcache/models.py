@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import cache_home
+from .cpu_linear import pack_linears
 from .layers import DecoderParts, UnsupportedModelError, check_architecture as check_layout, decoder_parts
 from .rope import LayerRope, UnsupportedRopeError, check_rope_supported, layer_ropes, rope_self_test
 
@@ -136,6 +137,8 @@ def prepare_model(hf_model, tokenizer, *, spec: str, device: torch.device,
     hf_model.eval().requires_grad_(False)
     hf_model.to(device)
     dtype = next(hf_model.parameters()).dtype
+    if device.type == "cpu" and dtype == torch.float32:
+        pack_linears(hf_model)  # the same products, 2-3x faster on CPU (chunkcache/cpu_linear.py)
     parts = decoder_parts(hf_model)
     ropes = layer_ropes(parts, device)
     try:

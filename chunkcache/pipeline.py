@@ -155,6 +155,16 @@ class RAGPipeline:
             missing = set(self.rt.store.kv.missing([c.key for c in chunks]))
         return [Source(c.text, c.source, c.score, c.key.hex(), c.key not in missing) for c in chunks]
 
+    def prompt_ids(self, question: str, **kwargs) -> list[int]:
+        """The token ids of the whole prompt this request would run (prefix, chunks, suffix), without running
+        the model: to hand the identical prompt to another engine (bench/peer.py). Keyword arguments as for
+        `query` (documents, top_k, system_prompt, history)."""
+        req = self._request(question, kwargs.pop("top_k", None), kwargs.pop("documents", None), "full", None,
+                            kwargs.pop("max_new_tokens", None), 0.0, 1.0, 0, None, kwargs.pop("namespace", None),
+                            **kwargs)
+        with self.rt.lock:
+            return self._plan(req).prompt_ids.tolist()
+
     def tokenize(self, text: str) -> list[int]:
         """The model's token ids for `text`, as a question is tokenized (special-token strings stay text)."""
         return encode_plain(self.rt.lm.tokenizer, text)

@@ -115,3 +115,26 @@ def test_gemma3_answers_from_cached_chunks(tmp_path, gemma, hash_embedder):
     assert reuse.stats.chunk_hits == 2 and reuse.stats.cached_tokens > 0
     assert pipe.rt.template.prefix_ids[0] == gemma.tokenizer.bos_token_id  # plain layout, opened by BOS
     pipe.close()
+
+
+def test_packed_linears_compute_what_nn_linear_does():
+    from chunkcache.cpu_linear import PackedLinear, onednn_available, pack_linears
+
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32, bias=False))
+    x = torch.randn(2, 7, 64)
+    expected = model(x)
+    assert pack_linears(model) == 2 and isinstance(model[0], PackedLinear)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert model[0].weight is not None and [p.shape for p in model.parameters()] == [(96, 64), (96,), (32, 96)]
+
+
+def test_a_cpu_model_runs_its_linears_packed(tiny_lm):
+    from chunkcache.cpu_linear import PackedLinear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    assert isinstance(tiny_lm.parts.lm_head, PackedLinear)
+    assert isinstance(tiny_lm.hf_model.model.layers[0].mlp.down_proj, PackedLinear)

@@ -130,6 +130,17 @@ def test_openai_chat_with_stop_n_and_a_system_message(client, pipe):
     assert len(r.choices) == 2
 
 
+def test_openai_multi_turn_recall_is_in_the_prompt(client, pipe):
+    turns = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada."},
+             {"role": "user", "content": "What is my name?"}]
+    r = client.chat.completions.create(model="tiny-random-0", messages=turns, max_tokens=5,
+                                       extra_body={"documents": DOCS[:1]})
+    direct = pipe.query("What is my name?", documents=DOCS[:1], max_new_tokens=5, history=turns[:2])
+    assert r.choices[0].message.content == direct.text and r.usage.prompt_tokens == direct.stats.prompt_tokens
+    alone = pipe.query("What is my name?", documents=DOCS[:1], max_new_tokens=5)
+    assert direct.stats.prompt_tokens > alone.stats.prompt_tokens  # the earlier turns are not dropped
+
+
 def test_openai_completions(client, pipe):
     """The legacy completions API, as LlamaIndex's OpenAILike (is_chat_model=False) calls it."""
     direct = pipe.query("Where is Mount Everest?", documents=DOCS, max_new_tokens=5)
