@@ -229,7 +229,7 @@ class Engine:
         """Admit waiting requests, in order, while the limits allow; then choose the probe selections'
         rows for the new ones in one batched pass."""
         limits, new = self.limits, []
-        while len(self._active) + len(new) < limits.max_running:
+        while len(self._active) < limits.max_running:  # (the new ones are in _active already)
             with self._cv:
                 if not self._waiting:
                     break

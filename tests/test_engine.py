@@ -226,3 +226,17 @@ def test_limits_are_checked():
         ChunkCacheConfig(max_running=0)
     with pytest.raises(ValueError, match="max_kv_bytes"):
         ChunkCacheConfig(max_kv_bytes=-5)
+
+
+def test_requests_queued_together_are_admitted_together(tmp_path, tiny_lm, hash_embedder, monkeypatch):
+    p = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_running=4)
+    sizes = []
+    choose = p._choose_positions
+    monkeypatch.setattr(p, "_choose_positions", lambda batch: sizes.append(len(batch)) or choose(batch))
+    try:
+        with p.rt.lock:  # all four are queued before the engine's first step
+            tickets = [p.submit(q, documents=DOCS) for q in QUESTIONS[:4]]
+        assert all(list(t)[-1].text for t in tickets)
+        assert sizes[0] == 4  # one batched probe pass for the four
+    finally:
+        p.close()
