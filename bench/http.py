@@ -47,13 +47,7 @@ QUESTION_TOPICS = ("with", "for", "while", "try", "class", "import", "lambda", "
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default="stores/bench-http", help="store (built from the demo corpus if empty)")
-    p.add_argument("--model", default=None, help="LLM (default: the store's, else the default model)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--mode", default="blend", choices=("full", "reuse", "blend", "epic"))
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=32, help="per throughput request")
+    workload_args(p)
     p.add_argument("--queries", type=int, default=6, help="distinct questions for the TTFT comparison")
     p.add_argument("--repeats", type=int, default=2, help="TTFT measurements per question and side")
     p.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients for the throughput run")
@@ -61,6 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the direct sequential throughput baseline")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/http-<date>.json)")
     return p.parse_args(argv)
+
+
+def workload_args(p: argparse.ArgumentParser) -> None:
+    """The flags the HTTP benchmarks share: store, model, threads and the request shape."""
+    p.add_argument("--store", default="stores/bench-http", help="store (built from the demo corpus if empty)")
+    p.add_argument("--model", default=None, help="LLM (default: the store's, else the default model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--mode", default="blend", choices=("full", "reuse", "blend", "epic"))
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="per request")
 
 
 def questions(n: int) -> list[str]:

@@ -27,20 +27,15 @@ import threading
 import time
 from pathlib import Path
 
-from bench.http import LoopbackServer, configuration, in_worker, open_pipeline, questions, summarize
+from bench.http import (LoopbackServer, configuration, in_worker, open_pipeline, questions, summarize,
+                        workload_args)
 
 RESULTS_DIR = Path(__file__).parent / "results" / "load"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default="stores/bench-http", help="store (built from the demo corpus if empty)")
-    p.add_argument("--model", default=None, help="LLM (default: the store's, else the default model)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--mode", default="blend", choices=("full", "reuse", "blend", "epic"))
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    workload_args(p)
     p.add_argument("--clients", default="1,2,4,8,16", help="comma-separated client counts")
     p.add_argument("--requests", type=int, default=4, help="requests each client sends at each level")
     p.add_argument("--max-running", type=int, default=8, help="the batching server's engine limit")
@@ -72,19 +67,28 @@ def stream_query(http, payload: dict) -> tuple[float, float, int]:
 
 
 def run_level(url: str, clients: int, args: argparse.Namespace) -> dict:
+    qs = questions(99)
+
+    def send(http, index: int, n: int) -> tuple[float, float, int]:
+        return stream_query(http, {"question": qs[(index + n * clients) % len(qs)], "mode": args.mode,
+                                   "top_k": args.top_k, "max_new_tokens": args.max_new_tokens})
+
+    return closed_loop(url, clients, args.requests, send)
+
+
+def closed_loop(url: str, clients: int, requests: int, send) -> dict:
+    """`clients` threads, each with its own keep-alive client, sending `requests` requests back to back:
+    send(http, client index, request number) -> (TTFT, latency, completion tokens). Failures are counted."""
     import httpx
 
-    qs = questions(99)
     ttfts, latencies, tokens, errors = [], [], [], []
     lock = threading.Lock()
 
     def client(index: int) -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            for n in range(args.requests):
-                payload = {"question": qs[(index + n * clients) % len(qs)], "mode": args.mode, "top_k": args.top_k,
-                           "max_new_tokens": args.max_new_tokens}
+        with httpx.Client(base_url=url, timeout=900) as http:
+            for n in range(requests):
                 try:
-                    ttft, latency, completion = stream_query(http, payload)
+                    ttft, latency, completion = send(http, index, n)
                 except (httpx.HTTPError, RuntimeError) as exc:
                     with lock:
                         errors.append(str(exc)[:200])

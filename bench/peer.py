@@ -30,7 +30,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -141,40 +140,23 @@ def ttft_rounds(send, questions, orders) -> list[dict]:
     return rows
 
 
-def load_levels(send, questions, args) -> list[dict]:
+def load_levels(url: str, send, questions, args) -> list[dict]:
+    """Throughput at each client count: every request a question with its passages shuffled anew."""
+    from bench.load import closed_loop
+
     levels = []
     for clients in args.clients:
-        ttfts, tokens, errors = [], [], []
-        lock = threading.Lock()
+        def one(http, index: int, n: int, clients=clients):
+            q = questions[(index + n * clients) % len(questions)]
+            docs = list(q.documents)
+            random.Random(10_000 + index * 100 + n).shuffle(docs)  # orders the TTFT rounds never sent
+            return send(http, q, docs, args.max_new_tokens)
 
-        def client(index: int) -> None:
-            rng = random.Random(10_000 + index)  # orders the TTFT rounds never sent
-            for n in range(args.requests):
-                q = questions[(index + n * clients) % len(questions)]
-                docs = list(q.documents)
-                rng.shuffle(docs)
-                try:
-                    ttft, _, completion = send(q, docs, args.max_new_tokens)
-                except Exception as exc:  # noqa: BLE001 - counted and reported
-                    with lock:
-                        errors.append(str(exc)[:200])
-                    continue
-                with lock:
-                    ttfts.append(ttft)
-                    tokens.append(completion)
-
-        started = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - started
-        levels.append({"clients": clients, "requests": len(ttfts), "errors": errors, "wall_s": wall,
-                       "requests_per_s": len(ttfts) / wall, "completion_tokens_per_s": sum(tokens) / wall,
-                       "ttft_p50_s": statistics.median(ttfts) if ttfts else float("nan")})
-        print(f"  {clients} clients: {levels[-1]['requests_per_s']:.3f} req/s, TTFT p50 "
-              f"{levels[-1]['ttft_p50_s']:.2f} s", file=sys.stderr)
+        level = closed_loop(url, clients, args.requests, one)
+        level["ttft_p50_s"] = level["ttft_s"].get("median", float("nan"))
+        levels.append(level)
+        print(f"  {clients} clients: {level['requests_per_s']:.3f} req/s, TTFT p50 {level['ttft_p50_s']:.2f} s",
+              file=sys.stderr)
     return levels
 
 
@@ -220,27 +202,28 @@ def main(argv: list[str] | None = None) -> int:
         prompt(q, list(q.documents)), prompt(q, docs)
 
     print("chunkcache ...", file=sys.stderr)
-    with LoopbackServer(create_app(pipe, metrics=NoMetrics())) as url, httpx.Client(base_url=url, timeout=900) as http:
-        def send(q, docs, max_tokens):
-            return chunkcache_request(http, q.question, docs, max_tokens)
+    def send_chunkcache(http, q, docs, max_tokens):
+        return chunkcache_request(http, q.question, docs, max_tokens)
 
-        send(questions[0], list(questions[0].documents), 1)  # warm-up
-        result["chunkcache"] = {"ttft": ttft_rounds(send, ttft_questions, orders),
-                                "load": load_levels(send, questions, args)}
+    with LoopbackServer(create_app(pipe, metrics=NoMetrics())) as url, httpx.Client(base_url=url, timeout=900) as http:
+        send_chunkcache(http, questions[0], list(questions[0].documents), 1)  # warm-up
+        result["chunkcache"] = {"ttft": ttft_rounds(lambda q, d, m: send_chunkcache(http, q, d, m), ttft_questions,
+                                                    orders),
+                                "load": load_levels(url, send_chunkcache, questions, args)}
     model_dir = builtin_model_dir("default")
     max_len = max(len(p) for p in prompt_cache.values()) + args.max_new_tokens + 64
     pipe.close()
 
     print(f"vLLM ({args.vllm_dtype}) ...", file=sys.stderr)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    def send_vllm(http, q, docs, max_tokens):
+        return vllm_request(http, prompt(q, docs), max_tokens)
+
     with VLLMServer(args.peer_python, model_dir, args.threads, args.vllm_dtype, max_len) as url, \
             httpx.Client(base_url=url, timeout=900) as http:
-        def send(q, docs, max_tokens):
-            return vllm_request(http, prompt(q, docs), max_tokens)
-
         vllm_request(http, prompt(questions[-1], orders[-1])[:64], 1)  # warm-up, shares nothing with the runs
-        result["vllm"] = {"ttft": ttft_rounds(send, ttft_questions, orders),
-                          "load": load_levels(send, questions, args)}
+        result["vllm"] = {"ttft": ttft_rounds(lambda q, d, m: send_vllm(http, q, d, m), ttft_questions, orders),
+                          "load": load_levels(url, send_vllm, questions, args)}
 
     stem = args.out_dir / f"{dt.date.today().isoformat()}-vllm-{args.vllm_dtype}-t{args.threads}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -78,6 +78,17 @@ def open_tiny_pipe(directory, lm, embedder, **overrides):
     return RAGPipeline.open(directory / "store", lm=lm, embedder=embedder, **settings)
 
 
+def wait_until_idle(pipe, seconds: float, why: str) -> None:
+    """Wait for the pipeline's engine to run nothing (e.g. after a client left); fail with `why` after `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while pipe.engine.counts().running:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.02)
+    assert pipe.engine.counts().kv_bytes == 0
+
+
 @pytest.fixture
 def tiny_pipe(tmp_path, tiny_lm, hash_embedder):
     pipe = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder)

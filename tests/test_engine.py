@@ -9,7 +9,7 @@ import pytest
 from chunkcache.engine import EngineLimits
 from chunkcache.errors import EngineBusy, QueryError, RequestCancelled
 
-from .conftest import DOCS, open_tiny_pipe
+from .conftest import DOCS, open_tiny_pipe, wait_until_idle
 
 QUESTIONS = ["Where is Mount Everest?", "What carries the most water?", "Who designed the tower?",
              "Which fair was in 1889?", "Where is Nepal?", "How high is Everest?", "What flows through Brazil?",
@@ -168,10 +168,7 @@ def test_a_reader_that_leaves_frees_its_slot_and_others_go_on(pipe):
     staying = pipe.submit(QUESTIONS[1], documents=DOCS, **long)
     leaving.close()  # the consumer stops reading: its ticket is cancelled
     assert list(staying)[-1].token_ids == expected.token_ids
-    deadline = time.monotonic() + 10
-    while pipe.engine.counts().running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pipe.engine.counts().running == 0 and pipe.engine.counts().kv_bytes == 0
+    wait_until_idle(pipe, 10, "the engine still decodes for the reader that left")
 
 
 def test_a_slow_reader_delays_only_itself(pipe):

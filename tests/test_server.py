@@ -587,6 +587,8 @@ def test_chat_logprobs_without_top_logprobs(client):
     ({"messages": [{"role": "user", "content": "  "}]}, "the last user message is empty"),
     ({"messages": [{"role": "user", "content": "x" * 100_001}]}, "the last user message has 100001 characters"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "only text content"),
+    ({"messages": [{"role": "system", "content": [{"type": "image_url"}]}, {"role": "user", "content": "q"}]},
+     "only text content"),  # in an earlier message too (found by the fuzzer: it was a 500)
     ({"messages": []}, "messages:"),
     ({"max_tokens": 0}, "max_tokens:"),
     ({"temperature": 3}, "temperature:"),

@@ -16,7 +16,7 @@ import uvicorn
 
 from chunkcache.server import Metrics, ServerSettings, create_app
 
-from .conftest import DOCS
+from .conftest import DOCS, wait_until_idle
 from .test_server import open_store_pipeline, sse_events
 
 KEYS = {"key-plain": None, "key-alpha": "alpha"}
@@ -279,10 +279,7 @@ def test_a_batch_survives_a_client_leaving_an_invalid_request_and_a_failing_pref
         got = {i: f.result() for i, f in futures.items()}
     assert {i: got[i] for i in alone} == alone
     assert got[1] == "left" and got[4] == 422 and got[7] == 500
-    deadline = time.monotonic() + 10
-    while pipe.engine.counts().running:
-        assert time.monotonic() < deadline, "the engine still decodes for the client that left"
-        time.sleep(0.05)
+    wait_until_idle(pipe, 10, "the engine still decodes for the client that left")
 
 
 def test_a_client_leaving_mid_stream_frees_the_model(base_url, pipe, metrics):
@@ -294,10 +291,7 @@ def test_a_client_leaving_mid_stream_frees_the_model(base_url, pipe, metrics):
         assert r.status_code == 200
         next(r.iter_lines())
     # Decoding 1500 tokens takes ~20 s on the tiny model; the engine drops it at its next step instead.
-    deadline = time.monotonic() + 5
-    while pipe.engine.counts().running:
-        assert time.monotonic() < deadline, "the engine still decodes a stream nobody reads"
-        time.sleep(0.05)
+    wait_until_idle(pipe, 5, "the engine still decodes a stream nobody reads")
     r = httpx.post(f"{base_url}/query", json={"question": "Everest?", "documents": DOCS[:1], "max_new_tokens": 2},
                    headers={"Authorization": "Bearer key-plain"}, timeout=60)
     assert r.status_code == 200

@@ -195,6 +195,8 @@ def request_models(limits: Limits) -> RequestModels:
                 raise ValueError(f"{', '.join(sorted(roles))} messages are not supported (no tools)")
             if self.messages[-1].role != "user":
                 raise ValueError("the last message must be the user's question (assistant prefill is not supported)")
+            for message in self.messages:
+                message.text()  # every message, not only the question: non-text parts are refused here (422)
             question = self.question()
             if not question.strip():
                 raise ValueError("the last user message is empty; ask something")
