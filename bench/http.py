@@ -137,19 +137,26 @@ def ttft_direct(pipe, question: str, kwargs: dict) -> tuple[float, float]:
 def ttft_http(url: str, question: str, kwargs: dict) -> tuple[float, float]:
     import httpx
 
+    with httpx.Client(base_url=url, timeout=600) as http:
+        first, _, answer = query_stream(http, {"question": question, **kwargs})
+    return first, answer["ttft_s"]
+
+
+def query_stream(http, payload: dict) -> tuple[float, float, dict]:
+    """POST /query with stream=true on an httpx client -> (seconds to the first `token` event, seconds to the
+    `answer` event, the answer)."""
     started = time.perf_counter()
     first = None
-    with httpx.stream("POST", f"{url}/query", json={"question": question, "stream": True, **kwargs},
-                      timeout=600) as r:
+    event = None
+    with http.stream("POST", "/query", json={**payload, "stream": True}) as r:
         r.raise_for_status()
-        event = None
         for line in r.iter_lines():
             if line.startswith("event: "):
                 event = line[len("event: "):]
                 if first is None and event in ("token", "answer"):
                     first = time.perf_counter() - started
             elif line.startswith("data: ") and event == "answer":
-                return first, json.loads(line[len("data: "):])["ttft_s"]
+                return first, time.perf_counter() - started, json.loads(line[len("data: "):])
             elif line.startswith("data: ") and event == "error":
                 raise RuntimeError(line)
     raise RuntimeError("the stream ended without an answer event")

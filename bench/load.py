@@ -27,8 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench.http import (LoopbackServer, configuration, in_worker, open_pipeline, questions, summarize,
-                        workload_args)
+from bench.http import (LoopbackServer, configuration, in_worker, open_pipeline, query_stream, questions,
+                        summarize, workload_args)
 
 RESULTS_DIR = Path(__file__).parent / "results" / "load"
 
@@ -48,22 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def stream_query(http, payload: dict) -> tuple[float, float, int]:
     """(TTFT at the first token event, latency at the answer event, completion tokens) for one request."""
-    started = time.perf_counter()
-    first = None
-    event = None
-    with http.stream("POST", "/query", json={**payload, "stream": True}) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[len("event: "):]
-                if first is None and event in ("token", "answer"):
-                    first = time.perf_counter() - started
-            elif line.startswith("data: ") and event == "answer":
-                answer = json.loads(line[len("data: "):])
-                return first, time.perf_counter() - started, answer["stats"]["completion_tokens"]
-            elif line.startswith("data: ") and event == "error":
-                raise RuntimeError(line)
-    raise RuntimeError("the stream ended without an answer event")
+    first, latency, answer = query_stream(http, payload)
+    return first, latency, answer["stats"]["completion_tokens"]
 
 
 def run_level(url: str, clients: int, args: argparse.Namespace) -> dict:
