@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", default="1,2,4,8,16", help="comma-separated client counts")
     p.add_argument("--requests", type=int, default=4, help="requests each client sends at each level")
     p.add_argument("--max-running", type=int, default=8, help="the batching server's engine limit")
+    p.add_argument("--max-batched-tokens", type=int, default=None,
+                   help="the batching server's rows per step (default: the config's, 2048)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
@@ -155,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     from chunkcache.server import NoMetrics, create_app
 
     pipe = open_pipeline(args)
-    pipe.rt.config = pipe.rt.config.replace(max_running=args.max_running)
+    pipe.rt.config = pipe.rt.config.replace(max_running=args.max_running, **(
+        {"max_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}))
     # The one-at-a-time server: the same runtime (model, store, lock), its own engine with max_running=1.
     single = RAGPipeline(dataclasses.replace(pipe.rt, config=pipe.rt.config.replace(max_running=1)))
     config = configuration(pipe, args) | {"clients": args.clients, "requests_per_client": args.requests,
-                                          "max_running": args.max_running}
+                                          "max_running": args.max_running,
+                                          "max_batched_tokens": pipe.rt.config.max_batched_tokens}
     for question in questions(99):  # warm-up: every question's chunks are in the store and the kernels are hot
         in_worker(lambda q: pipe.query(q, mode=args.mode, top_k=args.top_k, max_new_tokens=2), question)
     rows: dict[str, list[dict]] = {"batched": [], "one_at_a_time": []}
