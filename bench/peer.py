@@ -78,7 +78,13 @@ class VLLMServer:
 
     def __enter__(self) -> str:
         self.process = subprocess.Popen(self.command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{self.port}"
+        try:
+            return self._wait_ready(f"http://127.0.0.1:{self.port}")
+        except BaseException:
+            self.__exit__()  # __exit__ is not called when __enter__ fails: stop the server here
+            raise
+
+    def _wait_ready(self, url: str) -> str:
         import httpx
 
         deadline = time.monotonic() + 600
@@ -140,16 +146,26 @@ def ttft_rounds(send, questions, orders) -> list[dict]:
     return rows
 
 
-def load_levels(url: str, send, questions, args) -> list[dict]:
-    """Throughput at each client count: every request a question with its passages shuffled anew."""
+def load_plan(questions, clients: int, requests: int) -> dict[tuple[int, int], tuple]:
+    """(client, request number) -> (question, passages shuffled anew, in orders the TTFT rounds never sent)."""
+    plan = {}
+    for index in range(clients):
+        for n in range(requests):
+            q = questions[(index + n * clients) % len(questions)]
+            docs = list(q.documents)
+            random.Random(10_000 + index * 100 + n).shuffle(docs)
+            plan[index, n] = (q, docs)
+    return plan
+
+
+def load_levels(url: str, send, plans: dict[int, dict], args) -> list[dict]:
+    """Throughput at each client count, each client sending its planned requests back to back."""
     from bench.load import closed_loop
 
     levels = []
     for clients in args.clients:
-        def one(http, index: int, n: int, clients=clients):
-            q = questions[(index + n * clients) % len(questions)]
-            docs = list(q.documents)
-            random.Random(10_000 + index * 100 + n).shuffle(docs)  # orders the TTFT rounds never sent
+        def one(http, index: int, n: int, plan=plans[clients]):
+            q, docs = plan[index, n]
             return send(http, q, docs, args.max_new_tokens)
 
         level = closed_loop(url, clients, args.requests, one)
@@ -198,8 +214,12 @@ def main(argv: list[str] | None = None) -> int:
                          "chunkcache": {"mode": pipe.config.mode, "recompute_ratio": pipe.config.recompute_ratio,
                                         "compute": str(pipe.rt.lm.dtype)}}}
     ttft_questions = questions[:args.questions]
+    plans = {clients: load_plan(questions, clients, args.requests) for clients in args.clients}
     for q, docs in zip(questions, orders):  # tokenize everything before any timing
         prompt(q, list(q.documents)), prompt(q, docs)
+    for plan in plans.values():
+        for q, docs in plan.values():
+            prompt(q, docs)
 
     print("chunkcache ...", file=sys.stderr)
     def send_chunkcache(http, q, docs, max_tokens):
@@ -209,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         send_chunkcache(http, questions[0], list(questions[0].documents), 1)  # warm-up
         result["chunkcache"] = {"ttft": ttft_rounds(lambda q, d, m: send_chunkcache(http, q, d, m), ttft_questions,
                                                     orders),
-                                "load": load_levels(url, send_chunkcache, questions, args)}
+                                "load": load_levels(url, send_chunkcache, plans, args)}
     model_dir = builtin_model_dir("default")
     max_len = max(len(p) for p in prompt_cache.values()) + args.max_new_tokens + 64
     pipe.close()
@@ -223,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             httpx.Client(base_url=url, timeout=900) as http:
         vllm_request(http, prompt(questions[-1], orders[-1])[:64], 1)  # warm-up, shares nothing with the runs
         result["vllm"] = {"ttft": ttft_rounds(lambda q, d, m: send_vllm(http, q, d, m), ttft_questions, orders),
-                          "load": load_levels(url, send_vllm, questions, args)}
+                          "load": load_levels(url, send_vllm, plans, args)}
 
     stem = args.out_dir / f"{dt.date.today().isoformat()}-vllm-{args.vllm_dtype}-t{args.threads}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

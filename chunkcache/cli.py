@@ -37,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        # Settings from CHUNKCACHE_* variables and the settings file; the flags given win over them.
-        args.settings = load_sources(args.config)
         return args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted: the store holds every batch written so far; re-run the same command to resume",
@@ -207,28 +205,38 @@ def overrides_from(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def settings(args):
+    """The settings from CHUNKCACHE_* variables and the settings file (read once, by the commands that use them)."""
+    if getattr(args, "settings", None) is None:
+        args.settings = load_sources(args.config)
+    return args.settings
+
+
 def config_overrides(args, flag_names) -> dict:
-    """ChunkCacheConfig overrides: the environment's and the settings file's, then the flags given."""
-    sources = getattr(args, "settings", None)
-    return {**(sources.config if sources else {}), **overrides_from(args, flag_names)}
+    """ChunkCacheConfig values: the environment's and the settings file's, then the flags given."""
+    return {**settings(args).config, **overrides_from(args, flag_names)}
+
+
+def open_with_settings(args, flag_names, **extra):
+    """RAGPipeline.open with the settings as its base config and the flags as overrides: for the settings that
+    shape stored tensors an existing store's manifest wins over the base, and a flag contradicting it is refused."""
+    from .pipeline import RAGPipeline
+
+    flags = {**overrides_from(args, flag_names), **extra}
+    base = ChunkCacheConfig(**{**settings(args).config, **flags})
+    return RAGPipeline.open(args.store, config=base, **flags)
 
 
 def open_pipeline(args, **extra):
-    from .pipeline import RAGPipeline
-
-    overrides = config_overrides(args, ("model", "embedder", "device", "threads", "check_layer", "deviation",
-                                        "selection", "chunk_scale", "scale_queries", "max_store_bytes",
-                                        "document_quota_bytes", "persist_documents", "max_running",
-                                        "max_batched_tokens", "max_kv_bytes"))
-    return RAGPipeline.open(args.store, **{**overrides, **extra})
+    return open_with_settings(args, ("model", "embedder", "device", "threads", "check_layer", "deviation",
+                                     "selection", "chunk_scale", "scale_queries", "max_store_bytes",
+                                     "document_quota_bytes", "persist_documents", "max_running",
+                                     "max_batched_tokens", "max_kv_bytes"), **extra)
 
 
 def cmd_ingest(args) -> int:
-    from .pipeline import RAGPipeline
-
-    overrides = config_overrides(args, ("model", "embedder", "device", "threads", "chunk_tokens", "kv_dtype",
-                                        "index_kind", "max_store_bytes"))
-    with RAGPipeline.open(args.store, **overrides) as pipe:
+    with open_with_settings(args, ("model", "embedder", "device", "threads", "chunk_tokens", "kv_dtype",
+                                   "index_kind", "max_store_bytes")) as pipe:
         report = pipe.ingest(args.paths, progress=not args.no_progress)
         print(report.summary())
         print(_store_line(pipe))
@@ -379,6 +387,7 @@ def cmd_serve(args) -> int:
     from .server import serve
 
     existing_store(args)
+    settings(args)  # a bad setting fails here, before the server starts
     # The server opens the store in the background; refuse a damaged one here, with exit code 1.
     check_data_file(Path(args.store) / "kv.lmdb" / "data.mdb")
     defaults = overrides_from(args, ("mode", "top_k", "recompute_ratio", "max_new_tokens"))

@@ -8,10 +8,12 @@ Every `ChunkCacheConfig` field, and the server's plain settings, can come from
 
 Order of precedence, highest first:
   1. command-line flags (and, in Python, `RAGPipeline.open(**overrides)`);
-  2. `CHUNKCACHE_<FIELD>` environment variables;
-  3. the TOML file;
-  4. for the settings that shape stored tensors (model, kv_dtype, chunk_tokens, ...), the store's manifest;
+  2. for the settings that shape stored tensors (model, kv_dtype, chunk_tokens, ...), an existing store's
+     manifest (a flag that contradicts it is refused);
+  3. `CHUNKCACHE_<FIELD>` environment variables;
+  4. the TOML file;
   5. the defaults.
+So a shared file may set `kv_dtype` for new stores without breaking stores built otherwise.
 API keys keep their own variables (`CHUNKCACHE_API_KEYS`, `CHUNKCACHE_ADMIN_KEY`); `CHUNKCACHE_HOME` and
 `CHUNKCACHE_STORE` are the cache and default store directories.
 """
@@ -46,7 +48,6 @@ class SettingsError(ValueError):
 class Sources:
     config: dict[str, Any]  # ChunkCacheConfig fields
     server: dict[str, Any]  # ServerSettings fields
-    file: Path | None
 
 
 def load_sources(path: str | os.PathLike | None = None) -> Sources:
@@ -74,7 +75,7 @@ def load_sources(path: str | os.PathLike | None = None) -> Sources:
     server = _load(_ServerSettings, path if "server" in tables else None, ("server",))
     if "cors_origins" in server:
         server["cors_origins"] = tuple(server["cors_origins"])
-    return Sources(config, server, Path(path) if path else None)
+    return Sources(config, server)
 
 
 def _load(model: type[BaseSettings], path, table: tuple[str, ...]) -> dict[str, Any]:

@@ -194,10 +194,10 @@ class Engine:
         self._admit()
         decoding = [a for a in self._active if a.gen is not None]
         prefilling = [a for a in self._active if a.gen is None]
-        batch: list[tuple[_Active, torch.Tensor]] = []  # (request, positions this step)
+        batch: list[tuple[_Active, torch.Tensor, torch.Tensor]] = []  # (request, token ids, positions) this step
         for active in decoding:
-            _, position = active.gen.next_input()
-            batch.append((active, torch.tensor([position])))
+            token, position = active.gen.next_input()
+            batch.append((active, torch.tensor([token]), torch.tensor([position])))
         budget = self.limits.max_batched_tokens - len(batch)
         for active in prefilling:
             if active.staged.selector is not None:  # a check-layer selection runs whole, alone
@@ -207,7 +207,7 @@ class Engine:
                 continue
             piece, active.todo = active.todo[:budget], active.todo[budget:]
             budget -= len(piece)
-            batch.append((active, piece))
+            batch.append((active, active.staged.prompt_ids[piece], piece))
         if batch:
             self._forward(batch)
 
@@ -282,27 +282,20 @@ class Engine:
         for _, (kept, logits) in self._isolated([active], compute):
             self._dispatch(active, lambda: self._prefilled(active, kept, logits))
 
-    def _forward(self, batch: list[tuple[_Active, torch.Tensor]]) -> None:
-        def compute(group: list[tuple[_Active, torch.Tensor]]) -> list[torch.Tensor]:
-            logits, _ = forward_batch(self.pipe.rt.lm, [(a.staged.cache, self._input_ids(a, positions), positions)
-                                                        for a, positions in group])
+    def _forward(self, batch: list[tuple[_Active, torch.Tensor, torch.Tensor]]) -> None:
+        def compute(group: list[tuple[_Active, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+            logits, _ = forward_batch(self.pipe.rt.lm, [(a.staged.cache, ids, positions) for a, ids, positions in group])
             return list(logits)
 
         self._steps += 1
         self._peak_batch = max(self._peak_batch, len(batch))
-        for (active, positions), row in self._isolated(batch, compute):
+        for (active, _, positions), row in self._isolated(batch, compute):
             if active.gen is not None:
                 self._dispatch(active, lambda: self._emit(active, active.gen.feed(row)))
             else:
                 active.done_rows.append(positions)
                 if len(active.todo) == 0:
                     self._dispatch(active, lambda: self._prefilled(active, torch.cat(active.done_rows), row))
-
-    @staticmethod
-    def _input_ids(active: _Active, positions: torch.Tensor) -> torch.Tensor:
-        if active.gen is not None:
-            return torch.tensor([active.gen.next_input()[0]])
-        return active.staged.prompt_ids[positions]
 
     def _isolated(self, group: list, compute) -> list[tuple]:
         """[(member, its result)] of compute(group) (a list, one result per member); if the pass raises, each

@@ -20,8 +20,8 @@ class Generation:
     """Sampling, stop conditions and incremental detokenisation for one request."""
 
     def __init__(self, tokenizer, eos_token_ids, *, max_new_tokens: int, temperature: float, top_p: float,
-                 logprobs: int, seed: int | None, prompt_len: int, started: float, sources: list[Source],
-                 timings: Timings, stats: CacheStats, config: dict, prompt_ids: torch.Tensor | None = None,
+                 logprobs: int, seed: int | None, prompt_ids: torch.Tensor, started: float, sources: list[Source],
+                 timings: Timings, stats: CacheStats, config: dict,
                  processors: LogitsProcessorList | None = None, stop: tuple[str, ...] = (),
                  cancelled: Callable[[], bool] | None = None, step_logits: list[torch.Tensor] | None = None):
         self.tokenizer = tokenizer
@@ -29,7 +29,7 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.logprobs = temperature, top_p, logprobs
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.position = prompt_len  # where the last sampled token goes when it is fed back
+        self.position = len(prompt_ids)  # where the last sampled token goes when it is fed back
         self.started = started
         self.sources, self.timings, self.stats, self.config = sources, timings, stats, config
         self.prompt_ids = prompt_ids  # what the processors see before the answer (penalties)

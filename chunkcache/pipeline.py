@@ -18,7 +18,7 @@ import torch
 
 from store import CorruptEntryError, StoreError
 
-from .accounting import cached_token_count, kv_entry_bytes
+from .accounting import cached_token_count, kv_bytes_per_token, kv_entry_bytes
 from .answer import Answer, CacheStats, Source, Timings
 from .blend import PromptLayout, blend_selector, chunk_key_bias, initial_positions, prior_positions
 from .calibration import load_chunk_log_scale
@@ -134,6 +134,12 @@ class RAGPipeline:
                 self._engine = Engine(self, EngineLimits(cfg.max_running, cfg.max_batched_tokens, cfg.max_waiting,
                                                          cfg.max_kv_bytes or default_kv_bytes(self.rt.lm.device)))
             return self._engine
+
+    def engine_counts(self):
+        """The engine's counts (chunkcache.engine.EngineCounts), or None before it has started (this does
+        not start it, unlike `engine`)."""
+        engine = self._engine
+        return None if engine is None else engine.counts()
 
     @classmethod
     def open(cls, store_dir, *, config: ChunkCacheConfig | None = None, lm=None, embedder=None,
@@ -421,8 +427,8 @@ class RAGPipeline:
         else:
             chunks = self._retrieve(req)
         timings.retrieve_s = time.perf_counter() - started
-        template = self.rt.template_for(req.system_prompt)
         try:
+            template = self.rt.template_for(req.system_prompt)
             suffix = suffix_token_ids(self.rt.lm.tokenizer, template, req.question, req.history)
         except ConversationError as exc:
             raise QueryError(str(exc)) from None
@@ -438,7 +444,7 @@ class RAGPipeline:
     def kv_bytes(self, staged: Staged) -> int:
         """The memory the request's KV cache takes once placed (prompt plus answer)."""
         lm = self.rt.lm
-        per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * torch.finfo(lm.dtype).bits // 8
+        per_token = kv_bytes_per_token(lm.num_layers, lm.num_kv_heads, lm.head_dim, lm.dtype)
         return per_token * (staged.layout.num_tokens + staged.req.max_new_tokens)
 
     def _place_kv(self, staged: Staged) -> None:
@@ -674,9 +680,9 @@ class RAGPipeline:
         lm = self.rt.lm
         return Generation(lm.tokenizer, lm.eos_token_ids, max_new_tokens=req.max_new_tokens,
                           temperature=req.temperature, top_p=req.top_p, logprobs=req.logprobs, seed=req.seed,
-                          prompt_len=len(prep.prompt_ids), started=prep.started, sources=prep.sources,
+                          prompt_ids=prep.prompt_ids, started=prep.started, sources=prep.sources,
                           timings=prep.timings, stats=prep.stats, cancelled=req.cancelled, step_logits=step_logits,
-                          prompt_ids=prep.prompt_ids, stop=req.stop,
+                          stop=req.stop,
                           processors=logits_processors(prompt_len=len(prep.prompt_ids),
                                                        repetition_penalty=req.repetition_penalty,
                                                        frequency_penalty=req.frequency_penalty,

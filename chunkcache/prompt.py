@@ -62,7 +62,12 @@ def _render(tokenizer, system_prompt: str, instruction: str, turns: list[tuple[s
     turns = [(first_role, f"{instruction}{CHUNK_SEPARATOR}{_DOCS}Question: {first}"), *turns[1:]]
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system_prompt}] + [{"role": r, "content": c} for r, c in turns]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:  # the template's own checks (e.g. turns must alternate): the caller's to fix
+            raise ConversationError(f"the model's chat template refuses these messages: {exc}") from None
     # Base models without a template (Gemma 3 270M): a plain layout, opened by BOS where the tokenizer
     # would add one, as the model saw in training.
     text = f"{_bos_text(tokenizer)}{system_prompt}\n\n{turns[0][1]}"

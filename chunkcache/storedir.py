@@ -45,7 +45,12 @@ class ChunkStore:
         # One environment per store per process: a second RAGPipeline on the same store shares it.
         self.kv = KVStore.shared(self.path, readonly=readonly)
         self._closed = False
-        recorded = (self.kv.manifest or {}).get("max_store_bytes")
+        try:
+            recorded = (self.kv.manifest or {}).get("max_store_bytes")
+        except BaseException:
+            self.close()  # release this store's reference: nobody else will
+            raise
+        # NOTE: the cap lives on the shared KVStore, so the last opener's cap applies to every holder.
         self.kv.max_kv_bytes = max_store_bytes if max_store_bytes is not None else recorded
         self._index: VectorIndex | None = None
         self._mark: tuple[int, int] = (0, 0)  # store watermark (next id, retired) the loaded index covers

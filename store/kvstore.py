@@ -189,16 +189,16 @@ class KVStore:
     def close(self) -> None:
         """Close the environment (writing buffered usage first); unusable afterwards. Safe to call twice.
         A shared store (`KVStore.shared`) closes when its last holder closes it."""
-        with _SHARED_LOCK:
+        with _SHARED_LOCK:  # held until the environment is closed: no opener may slip in a second one meanwhile
             if self._refs > 1:
                 self._refs -= 1
                 return
             self._refs = 0
             if self._shared_key is not None and _SHARED.get(self._shared_key) is self:
                 del _SHARED[self._shared_key]
-        if self._usage and not self.readonly and os.getpid() == self._pid:
-            self._flush_usage_best_effort()
-        self._env.close()
+            if self._usage and not self.readonly and os.getpid() == self._pid:
+                self._flush_usage_best_effort()
+            self._env.close()
 
     def __enter__(self) -> "KVStore":
         return self

@@ -41,6 +41,10 @@ def test_langchain_chat_model_in_process(pipe):
     assert 0 < reply.usage_metadata["input_token_details"]["cache_read"] <= direct.stats.cached_tokens
     streamed = "".join(chunk.content for chunk in chat.stream(messages, documents=DOCS))
     assert streamed.strip() == direct.text
+    # Per-call arguments override the model's own (they used to clash: "multiple values for keyword").
+    tuned = ChunkCacheChatModel(pipeline=pipe, max_new_tokens=6, query_kwargs={"temperature": 0.5, "seed": 1})
+    again = tuned.invoke(messages, documents=DOCS, temperature=0.0, max_new_tokens=6)
+    assert again.content == direct.text
 
 
 def test_langchain_retriever_and_embeddings_over_the_store(pipe):
@@ -86,6 +90,8 @@ def test_llama_index_llm_in_process(pipe):
     llm = ChunkCacheLLM(pipeline=pipe, documents=DOCS, max_new_tokens=6)
     direct = pipe.query(Q, documents=DOCS, max_new_tokens=6)
     assert llm.complete(Q).text == direct.text
+    assert ChunkCacheLLM(pipeline=pipe, documents=DOCS, query_kwargs={"max_new_tokens": 2}).complete(
+        Q, max_new_tokens=6).text == direct.text
     assert list(llm.stream_complete(Q))[-1].text.strip() == direct.text
     chat = llm.chat([ChatMessage(role="system", content="Be terse."), ChatMessage(role="user", content=Q)])
     assert chat.message.content == pipe.query(Q, documents=DOCS, max_new_tokens=6, system_prompt="Be terse.").text

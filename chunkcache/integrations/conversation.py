@@ -44,3 +44,17 @@ def document_texts(documents) -> list[str] | None:
         else:
             raise TypeError(f"cannot take text from a {type(doc).__name__}; pass strings or documents")
     return texts
+
+
+def query_arguments(defaults: dict, query_kwargs: dict, call_kwargs: dict, documents, top_k: int | None) -> dict:
+    """`RAGPipeline.query` keyword arguments for one call: the model's defaults, then its `query_kwargs`, then
+    the call's own (later ones win). The chunks are the call's or the model's `documents`, else `top_k` from
+    the store."""
+    call_kwargs = dict(call_kwargs)
+    texts = document_texts(call_kwargs.pop("documents", documents))
+    args = {**defaults, **query_kwargs, **call_kwargs}
+    if texts is not None:
+        args["documents"] = texts
+    elif top_k is not None:
+        args.setdefault("top_k", top_k)
+    return args

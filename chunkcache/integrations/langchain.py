@@ -9,7 +9,7 @@ embedder, and `rag_chain`, which feeds any retriever's Documents to chunkcache a
     chain = rag_chain(my_vector_store.as_retriever(), chat)   # the retrieved Documents become chunks
     chain.invoke("What does the with statement do?")          # the second call reuses their KV
 
-Over HTTP, `rag_chain` takes LangChain's own `ChatOpenAI(base_url="http://host:8000/v1")` instead and
+Over HTTP, `rag_chain` takes LangChain's own `ChatOpenAI(base_url="http://host:8000/v1", model="default")` and
 sends the Documents as the request's `documents`.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from langchain_core.runnables import Runnable, RunnableLambda
 from pydantic import ConfigDict, Field
 
 from ..answer import Answer
-from .conversation import document_texts, request_from_turns
+from .conversation import document_texts, query_arguments, request_from_turns
 
 
 class ChunkCacheChatModel(BaseChatModel):
@@ -58,16 +58,10 @@ class ChunkCacheChatModel(BaseChatModel):
                 "temperature": self.temperature, **self.query_kwargs}
 
     def _arguments(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> dict:
-        args = request_from_turns((m.type, m.text) for m in messages)
-        documents = document_texts(kwargs.pop("documents", self.documents))
-        args.update(max_new_tokens=self.max_new_tokens, temperature=self.temperature, **self.query_kwargs, **kwargs)
-        if documents is not None:
-            args["documents"] = documents
-        elif self.top_k is not None:
-            args.setdefault("top_k", self.top_k)
-        if stop:
-            args["stop"] = stop
-        return args
+        args = query_arguments({"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                                **({"stop": stop} if stop else {})}, self.query_kwargs, kwargs, self.documents,
+                               self.top_k)
+        return {**args, **request_from_turns((m.type, m.text) for m in messages)}
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:

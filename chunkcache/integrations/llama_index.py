@@ -8,8 +8,8 @@ chunkcache as cached chunks.
     engine = ChunkCacheQueryEngine(retriever=my_index.as_retriever(), pipeline=pipe)
     print(engine.query("What does the with statement do?"))   # the second call reuses the nodes' KV
 
-Over HTTP, LlamaIndex's own `OpenAILike(api_base="http://host:8000/v1", is_chat_model=True)` works against
-`chunkcache serve`; `ChunkCacheQueryEngine(retriever=..., llm=that)` sends the nodes as `documents`.
+Over HTTP, LlamaIndex's own `OpenAILike(api_base="http://host:8000/v1", model="default", is_chat_model=True)`
+works against `chunkcache serve`; `ChunkCacheQueryEngine(retriever=..., llm=that)` sends the nodes as `documents`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from llama_index.core.query_engine import CustomQueryEngine
 from llama_index.core.retrievers import BaseRetriever
 from pydantic import Field
 
-from .conversation import document_texts, request_from_turns
+from .conversation import document_texts, query_arguments, request_from_turns
 
 
 class ChunkCacheLLM(CustomLLM):
@@ -47,14 +47,9 @@ class ChunkCacheLLM(CustomLLM):
                            is_chat_model=True)
 
     def _arguments(self, kwargs: dict) -> dict:
-        documents = document_texts(kwargs.pop("documents", self.documents))
-        args = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, **self.query_kwargs,
-                **{k: v for k, v in kwargs.items() if k != "formatted"}}
-        if documents is not None:
-            args["documents"] = documents
-        elif self.top_k is not None:
-            args.setdefault("top_k", self.top_k)
-        return args
+        kwargs = {k: v for k, v in kwargs.items() if k != "formatted"}
+        return query_arguments({"max_new_tokens": self.max_new_tokens, "temperature": self.temperature},
+                               self.query_kwargs, kwargs, self.documents, self.top_k)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -72,14 +67,16 @@ class ChunkCacheLLM(CustomLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request = request_from_turns((m.role.value, m.content or "") for m in messages)
-        answer = self.pipeline.query(request.pop("question"), **request, **self._arguments(kwargs))
+        args = {**self._arguments(kwargs), **request}
+        answer = self.pipeline.query(args.pop("question"), **args)
         return ChatResponse(message=ChatMessage(role="assistant", content=answer.text), raw=answer.to_dict())
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         request = request_from_turns((m.role.value, m.content or "") for m in messages)
         text = ""
-        for event in self.pipeline.events(request.pop("question"), **request, **self._arguments(kwargs)):
+        args = {**self._arguments(kwargs), **request}
+        for event in self.pipeline.events(args.pop("question"), **args):
             if isinstance(event, str):
                 text += event
                 yield ChatResponse(message=ChatMessage(role="assistant", content=text), delta=event)
@@ -100,12 +97,12 @@ class ChunkCacheQueryEngine(CustomQueryEngine):
         texts = document_texts(n.node for n in nodes)
         extra = {"documents": texts} if texts else {"top_k": 0}
         if self.pipeline is not None:
-            answer = self.pipeline.query(query_str, **extra, **self.query_kwargs)
+            answer = self.pipeline.query(query_str, **{**self.query_kwargs, **extra})
             return Response(answer.text, source_nodes=nodes, metadata={"chunkcache": answer.to_dict()})
         if self.llm is None:
             raise ValueError("give ChunkCacheQueryEngine a pipeline (in-process) or an llm (over HTTP)")
         reply = self.llm.chat([ChatMessage(role="user", content=query_str)],
-                              extra_body={**extra, **self.query_kwargs})
+                              extra_body={**self.query_kwargs, **extra})
         return Response(reply.message.content, source_nodes=nodes, metadata={"chunkcache": reply.raw})
 
 

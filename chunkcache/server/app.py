@@ -286,8 +286,10 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
             raise ApiError(404, f"model {body.model!r} not found; embeddings come from {embedder!r}",
                            "model_not_found", param="model")
         texts = body.texts()
-        vectors = await run_in_threadpool(_guarded, pipe.embed, texts)
-        tokens = sum(len(pipe.tokenize(t)) for t in texts)
+        def embed():  # tokenizing counts as blocking work too
+            return pipe.embed(texts), sum(len(pipe.tokenize(t)) for t in texts)
+
+        vectors, tokens = await run_in_threadpool(_guarded, embed)
         return embeddings(vectors, embedder, tokens, body.encoding_format)
 
     @app.post("/tokenize", responses=QUERY_ERROR_RESPONSES)
@@ -304,7 +306,7 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models(who: Caller = Depends(caller), pipe=Depends(ready_pipeline)):
-        """The one model this server answers with (any `model` value in a request is served by it)."""
+        """The one model this server answers with; a request naming another model gets a 404."""
         return {"object": "list", "data": [_model_card(pipe, settings)]}
 
     @app.get("/v1/models/{model}", responses={**ERROR_RESPONSES, 404: {"model": ErrorBody}})
@@ -345,8 +347,9 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
                                                               **ERROR_RESPONSES})
     async def get_metrics(_: None = Depends(admin)):
         """Prometheus text format. With keys configured, only the admin key reads it (unless public_metrics)."""
-        if service.pipeline is not None and hasattr(type(service.pipeline), "engine"):
-            metrics.observe_engine(service.pipeline.engine.counts())
+        counts = getattr(service.pipeline, "engine_counts", None)
+        if counts is not None and counts() is not None:
+            metrics.observe_engine(counts())
         return Response(metrics.render(), media_type=metrics.content_type)
 
     if not docs_open:

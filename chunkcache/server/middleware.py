@@ -9,8 +9,8 @@ import uuid
 
 from .metrics import Metrics, NoMetrics
 
-ENDPOINTS = ("/query", "/v1/chat/completions", "/v1/models", "/healthz", "/health", "/version", "/metrics", "/docs",
-             "/openapi.json")
+ENDPOINTS = ("/query", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize",
+             "/v1/models", "/healthz", "/health", "/version", "/metrics", "/docs", "/openapi.json")
 REQUEST_ID_HEADER = b"x-request-id"
 # A client's id is echoed only when it is short and plain: it goes into logs and a response header.
 _CLIENT_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
