@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .chunker import Chunk, split_chunks
+from .distributed import RayOptions
 from .corpus import SUPPORTED_SUFFIXES, CorpusError, Document, content_digest, read_documents, scan_paths
 from .kvcompute import chunk_kv, extract_kv, prefix_cache
 from .prompt import chunk_token_ids
@@ -85,8 +86,10 @@ class IngestReport:
 Chunker = Callable[[str], list[str]]
 
 
-def ingest_paths(rt: Runtime, paths, *, progress: bool = True, chunker: Chunker | None = None) -> IngestReport:
-    """Ingest files and directories into the runtime's store; see the module docstring."""
+def ingest_paths(rt: Runtime, paths, *, progress: bool = True, chunker: Chunker | None = None,
+                 ray: RayOptions | None = None) -> IngestReport:
+    """Ingest files and directories into the runtime's store; see the module docstring. With `ray`, the
+    chunks' KVs and embeddings are computed on Ray workers (chunkcache/distributed.py)."""
     started = time.perf_counter()
     scan = scan_paths(paths)
     report = IngestReport(skipped=dict(scan.skipped), ignored=dict(scan.ignored))
@@ -112,12 +115,14 @@ def ingest_paths(rt: Runtime, paths, *, progress: bool = True, chunker: Chunker 
         raise CorpusError(f"no documents found in {', '.join(map(str, paths))}"
                           + (f" ({len(report.skipped)} file(s) skipped, see below)" if report.skipped else "")
                           + "\n" + "\n".join(f"  {p}: {w}" for p, w in report.skipped.items()))
-    _store_sources(rt, todo, report, progress, on_done=lambda: _mark_removed(rt, paths, {str(f) for f in scan.files}))
+    _store_sources(rt, todo, report, progress, on_done=lambda: _mark_removed(rt, paths, {str(f) for f in scan.files}),
+                   ray=ray)
     report.seconds_total = time.perf_counter() - started
     return report
 
 
-def ingest_texts(rt: Runtime, items, *, progress: bool = True, chunker: Chunker | None = None) -> IngestReport:
+def ingest_texts(rt: Runtime, items, *, progress: bool = True, chunker: Chunker | None = None,
+                 ray: RayOptions | None = None) -> IngestReport:
     """Ingest raw texts: strings, or dicts with "text" and optional "source" and "title" (put in front of the
     text, as in JSONL files). A text's source defaults to its content hash; re-ingesting an unchanged
     source skips it, and a changed one retires the chunks it no longer has."""
@@ -134,7 +139,7 @@ def ingest_texts(rt: Runtime, items, *, progress: bool = True, chunker: Chunker 
             report.chunks += record.get("num_chunks", 0)
             continue
         todo.append((doc.source, doc.digest, document_chunks(rt, doc, chunker)))
-    _store_sources(rt, todo, report, progress)
+    _store_sources(rt, todo, report, progress, ray=ray)
     report.seconds_total = time.perf_counter() - started
     return report
 
@@ -156,12 +161,19 @@ def text_document(item, number: int) -> Document:
 
 
 def _store_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]], report: IngestReport,
-                   progress: bool, on_done: Callable[[], None] = lambda: None) -> None:
+                   progress: bool, on_done: Callable[[], None] = lambda: None, ray: RayOptions | None = None) -> None:
     """Store every source's chunks (computing the missing KVs), record each source, retire stale chunks."""
     ensure_prefix(rt)
-    total_missing = len(rt.store.kv.missing([c.key for _, _, chunks in todo for c in chunks]))
-    bar = tqdm(total=total_missing, unit="chunk", disable=not progress, desc="ingest", dynamic_ncols=True)
+    missing = set(rt.store.kv.missing([c.key for _, _, chunks in todo for c in chunks]))
+    bar = tqdm(total=len(missing), unit="chunk", disable=not progress, desc="ingest", dynamic_ncols=True)
     try:
+        if ray is not None:
+            from .distributed import compute_on_ray
+
+            pending = list({c.key: c for _, _, chunks in todo for c in chunks if c.key in missing}.values())
+            compute_on_ray(rt, pending, ray, report, bar)
+            rt.store.refresh()  # the workers' chunks join the index by id, like another process's
+            report.chunks_reused -= report.chunks_computed  # counted below as already stored
         for source, digest, chunks in todo:
             old = rt.store.kv.get_source(source) or {}
             stored = store_chunks(rt, chunks, report=report, bar=bar, embed=True)
@@ -256,10 +268,11 @@ def ensure_prefix(rt: Runtime) -> None:
 
 
 def store_chunks(rt: Runtime, chunks: list[PendingChunk], *, report: IngestReport | None = None,
-                 bar=None, embed: bool = True) -> list[bytes]:
+                 bar=None, embed: bool = True, index: bool = True) -> list[bytes]:
     """Compute and store the KV of every chunk not yet stored; returns all the chunks' keys.
 
-    With `embed`, the new chunks are embedded and added to the retrieval index too.
+    With `embed`, the new chunks are embedded, and with `index` also added to this process's retrieval
+    index (a Ray worker has none: the driver's index picks them up from the store).
     """
     report = report or IngestReport()
     missing = set(rt.store.kv.missing([c.key for c in chunks]))
@@ -270,7 +283,7 @@ def store_chunks(rt: Runtime, chunks: list[PendingChunk], *, report: IngestRepor
             longest = max(len(c.token_ids) for c in todo)
             scratch = prefix_cache(rt.lm, list(rt.template.prefix_ids), len(rt.template.prefix_ids) + longest)
             for start in range(0, len(todo), WRITE_BATCH):
-                _store_batch(rt, todo[start:start + WRITE_BATCH], scratch, report, bar, embed)
+                _store_batch(rt, todo[start:start + WRITE_BATCH], scratch, report, bar, embed, index)
     return [c.key for c in chunks]
 
 
@@ -285,7 +298,8 @@ def recompute_kv(rt: Runtime, chunks: list[PendingChunk]) -> None:
     rt.store.kv.replace_kv(items)
 
 
-def _store_batch(rt: Runtime, batch: list[PendingChunk], scratch, report: IngestReport, bar, embed: bool) -> None:
+def _store_batch(rt: Runtime, batch: list[PendingChunk], scratch, report: IngestReport, bar, embed: bool,
+                 index: bool) -> None:
     vectors: list[np.ndarray | None] = [None] * len(batch)
     if embed:
         t = time.perf_counter()
@@ -304,6 +318,6 @@ def _store_batch(rt: Runtime, batch: list[PendingChunk], scratch, report: Ingest
             bar.set_postfix(tok_s=f"{report.tokens_per_s:.0f}", refresh=False)
     ids = rt.store.kv.put_chunks(items)
     report.chunks_computed += len(batch)
-    if embed:
+    if embed and index:
         rt.store.add_to_index(np.array([ids[c.key] for c in batch], dtype=np.int64),
                               np.stack(vectors).astype(np.float32))

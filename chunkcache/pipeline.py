@@ -16,13 +16,14 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from store import CorruptEntryError, StoreError
+from store import CorruptEntryError, StoreError, StoreUnavailableError
 
 from .accounting import cached_token_count, kv_bytes_per_token, kv_entry_bytes
 from .answer import Answer, CacheStats, Source, Timings
 from .blend import PromptLayout, blend_selector, chunk_key_bias, initial_positions, prior_positions
 from .calibration import load_chunk_log_scale
 from .config import MODES, ChunkCacheConfig, check_ratio
+from .distributed import RayOptions
 from .engine import Engine, EngineLimits, Ticket, default_kv_bytes
 from .errors import QueryError, RequestCancelled  # noqa: F401  (part of this module's API)
 from .forward import KVCache, forward_batch, forward_tokens, new_cache
@@ -193,16 +194,19 @@ class RAGPipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def ingest(self, paths, *, progress: bool = True, chunker: Chunker | None = None) -> IngestReport:
+    def ingest(self, paths, *, progress: bool = True, chunker: Chunker | None = None,
+               ray: RayOptions | None = None) -> IngestReport:
         """Ingest files and directories (see `chunkcache ingest`). `chunker(text) -> [chunk texts]` replaces
-        the built-in splitter (paragraphs and sentences packed to `chunk_tokens`)."""
+        the built-in splitter (paragraphs and sentences packed to `chunk_tokens`). `ray` computes the chunks
+        on Ray workers writing to the shared store (chunkcache/distributed.py)."""
         paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else paths
-        return ingest_paths(self.rt, paths, progress=progress, chunker=chunker)
+        return ingest_paths(self.rt, paths, progress=progress, chunker=chunker, ray=ray)
 
-    def ingest_texts(self, items, *, progress: bool = True, chunker: Chunker | None = None) -> IngestReport:
+    def ingest_texts(self, items, *, progress: bool = True, chunker: Chunker | None = None,
+                     ray: RayOptions | None = None) -> IngestReport:
         """Ingest raw texts: strings, or dicts with "text" and optional "source" and "title". Re-ingesting an
-        unchanged source is skipped; `chunker` as for `ingest`."""
-        return ingest_texts(self.rt, items, progress=progress, chunker=chunker)
+        unchanged source is skipped; `chunker` and `ray` as for `ingest`."""
+        return ingest_texts(self.rt, items, progress=progress, chunker=chunker, ray=ray)
 
     def query(self, question: str, **kwargs) -> Answer:
         """Answer `question`. Keyword arguments: top_k, documents, mode, recompute_ratio, max_new_tokens,
@@ -509,8 +513,12 @@ class RAGPipeline:
         if req.top_k > index.ntotal:
             raise QueryError(f"top_k={req.top_k} but the store holds only {index.ntotal} chunks")
         scores, ids = index.search(self.rt.embedder.encode([req.question]), req.top_k)
+        # One read for all the chunks' metadata (one transaction in LMDB, one round trip to Redis). While a
+        # shared store is unreachable this is answered from what this process saw; what it never saw fails
+        # the request (StoreUnavailableError: a 503 to retry).
         keys = self.rt.store.kv.key_for_id([int(i) for i in ids[0]])
-        with self.rt.store.kv.reader() as reader:  # one read transaction for all the chunks' metadata
+        with self.rt.store.kv.reader() as reader:
+            reader.prefetch([k for k in keys if k is not None], kv=False, meta=True)
             metas = [_meta_or_none(reader, key) for key in keys]
         chunks = []
         for key, score, meta in zip(keys, scores[0], metas):
@@ -581,24 +589,32 @@ class RAGPipeline:
             kv, prefix_read = rt.request_prefix_kv(template, req.namespace)
             cache.k[:, :, :layout.prefix_len].copy_(kv[0])
             cache.v[:, :, :layout.prefix_len].copy_(kv[1])
+        outages = getattr(rt.store.kv, "outages", 0)  # a shared store counts the calls that failed
         missing = set(rt.store.kv.missing([c.key for c in chunks]))
-        unstored = self._unstored(req, chunks, missing)  # computed below for this request only
-        if missing - unstored:
-            store_chunks(rt, [PendingChunk(c.key, c.token_ids, c.text, {
-                "source": c.source, "text": c.text, "token_ids": c.token_ids, "num_tokens": len(c.token_ids),
-                "namespace": req.namespace}) for c in chunks if c.key in missing and c.key not in unstored],
-                embed=False)
+        unstored: set[bytes] = set()  # computed below for this request only
         prefix_key = rt.prefix_key()
         entries = []
+        try:
+            unstored = self._unstored(req, chunks, missing)
+            if missing - unstored:
+                store_chunks(rt, [PendingChunk(c.key, c.token_ids, c.text, {
+                    "source": c.source, "text": c.text, "token_ids": c.token_ids, "num_tokens": len(c.token_ids),
+                    "namespace": req.namespace}) for c in chunks if c.key in missing and c.key not in unstored],
+                    embed=False)
+            if template is rt.template:
+                if prefix_key not in rt.store.kv:
+                    prefix_read = False
+                    ensure_prefix(rt)
+        except StoreUnavailableError as exc:
+            # The shared store went away: what could not be stored is computed into this request below.
+            log.warning("%s; computing this request's misses locally", exc)
         if template is rt.template:
-            if prefix_key not in rt.store.kv:
-                prefix_read = False
-                ensure_prefix(rt)
             entries.append((prefix_key, None))
         placed = list(zip(chunks, layout.chunk_starts))
         failed: set[bytes] = set()  # damaged, or evicted by another writer since the misses were stored
         damaged: set[bytes] = set()
         with rt.store.kv.reader() as reader:
+            reader.prefetch([key for key, _ in entries] + [c.key for c, _ in placed])
             for key, start in entries + [(c.key, s) for c, s in placed]:
                 try:
                     entry = reader.kv(key)
@@ -615,6 +631,7 @@ class RAGPipeline:
                     self._place(entry, start, layout, cache)
         if failed:
             self._recompute(placed, failed, layout, cache, keep_out=unstored)
+        stats.store_unavailable = getattr(rt.store.kv, "outages", 0) > outages
         stats.damaged_chunks = len(damaged)
         stats.unstored_chunks = sum(c.key in unstored for c in chunks)
         misses = missing | failed
@@ -661,6 +678,8 @@ class RAGPipeline:
         try:
             if fresh:
                 rt.store.kv.replace_kv(fresh)
+        except StoreUnavailableError as exc:
+            log.warning("%s; %d recomputed KV entries used from memory only", exc, len(fresh))
         except StoreError as exc:
             log.warning("could not rewrite %d recomputed KV entries (%s); this request uses them from memory",
                         len(fresh), exc)

@@ -1,9 +1,13 @@
-"""A store directory: the LMDB KV store (the source of truth), its manifest and the Faiss index.
+"""A store: its backend (LMDB, Redis, or LMDB in front of Redis: the source of truth), its manifest and
+the Faiss index over its embeddings.
 
-Layout of DIR (see store/README.md for the LMDB value format):
+Layout of an LMDB store's DIR (see store/README.md for the value formats):
     DIR/kv.lmdb/          LMDB environment: manifest, chunk KVs, chunk metadata, embeddings, ids, sources
-    DIR/index.faiss       Faiss index over chunk embeddings (derived: rebuilt from LMDB when stale)
+    DIR/index.faiss       Faiss index over chunk embeddings (derived: rebuilt from the store when stale)
     DIR/index.faiss.json  the index's kind, dimension, checksum and the store watermark it covers
+A tiered store (`lmdb:DIR+redis://...`) saves its index in DIR too; a store in Redis alone keeps it in
+memory (built from the shared embeddings at open). Either way every process keeps its index in step with
+the store's watermark before each query (`refresh`).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from retriever import VectorIndex
-from store import KV_FORMAT_VERSION, DiskFullError, KVStore, StoreError
+from store import KV_FORMAT_VERSION, DiskFullError, StoreError, StoreUnavailableError, open_backend, parse_store_spec
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +37,19 @@ class ChunkStore:
         """Open the store directory.
 
         Args:
-            path: the directory.
+            path: the directory, or a store spec (`redis://...`, `lmdb:DIR+redis://...`; store/backend.py).
             readonly: open for reading only (it must exist).
             max_store_bytes: cap on KV payload bytes for this process; None uses the manifest's
                 `max_store_bytes` (None there too: no cap).
         """
-        self.path = Path(path)
-        if readonly and not (self.path / "kv.lmdb").exists():
+        self.spec = parse_store_spec(path)
+        # What messages name: the directory, or the spec without any password.
+        self.path = self.spec.local if self.spec.remote is None else self.spec.describe()
+        if readonly and self.spec.remote is None and not (self.spec.local / "kv.lmdb").exists():
             raise StoreError(f"no chunkcache store at {self.path}; build one with "
                              f"`chunkcache ingest PATH --store {self.path}`")
-        # One environment per store per process: a second RAGPipeline on the same store shares it.
-        self.kv = KVStore.shared(self.path, readonly=readonly)
+        # One LMDB environment per store per process: a second RAGPipeline on the same store shares it.
+        self.kv = open_backend(self.spec, readonly=readonly)
         self._closed = False
         try:
             recorded = (self.kv.manifest or {}).get("max_store_bytes")
@@ -101,7 +107,10 @@ class ChunkStore:
         if self._index is None:
             self.index()
             return True
-        mark = self.kv.watermark()
+        try:
+            mark = self.kv.watermark()
+        except StoreUnavailableError:
+            return False  # the shared tier is unreachable: answer from the index as it is (logged by the store)
         if mark == self._mark:
             return False
         if mark[1] != self._mark[1] or mark[0] < self._mark[0]:
@@ -126,17 +135,18 @@ class ChunkStore:
         Raises:
             DiskFullError / StoreError: the write failed; the index in memory is intact.
         """
-        if self._index is None:
+        if self._index is None or self.spec.index_dir is None:
             return
         self.refresh()  # so the saved watermark says exactly what the file holds
         self._index.extra["watermark"] = list(self._mark)
+        path = self.spec.index_dir / INDEX_FILE
         try:
-            self._index.save(self.path / INDEX_FILE)
+            self._index.save(path)
         except (OSError, RuntimeError) as e:
-            if _disk_full(e, self.path):
-                raise DiskFullError(f"disk full: cannot write the index {self.path / INDEX_FILE} ({e}). It is "
+            if _disk_full(e, self.spec.index_dir):
+                raise DiskFullError(f"disk full: cannot write the index {path} ({e}). It is "
                                     "rebuilt from the store on the next open; free disk space") from e
-            raise StoreError(f"cannot write the index {self.path / INDEX_FILE}: {e}") from e
+            raise StoreError(f"cannot write the index {path}: {e}") from e
 
     def reload_index(self) -> str | None:
         """Load the saved index again, as a new process would; returns why it had to be rebuilt, or None."""
@@ -150,8 +160,10 @@ class ChunkStore:
         return self._index
 
     def _load_index(self) -> VectorIndex:
-        path = self.path / INDEX_FILE
         mark = self.kv.watermark()
+        if self.spec.index_dir is None:
+            return self._build_index(mark, *self.kv.embeddings(), save=False)
+        path = self.spec.index_dir / INDEX_FILE
         if not path.exists():
             self.index_rebuilt = "no saved index"
             return self._build_index(mark, *self.kv.embeddings())
@@ -196,7 +208,7 @@ class ChunkStore:
         kind = manifest.get("index_kind", "flat")
         self._index = VectorIndex.build(ids, vecs, kind=kind) if len(ids) else VectorIndex(dim, kind)
         self._mark = mark
-        if save and not self.kv.readonly:
+        if save and not self.kv.readonly and self.spec.index_dir is not None:
             try:
                 self.save_index()
             except StoreError as e:  # the index is derived: a query needs it in memory, not on disk

@@ -15,3 +15,7 @@ class DiskFullError(StoreError):
 
 class CorruptEntryError(ValueError):
     """A stored entry cannot be decoded (bad magic, other format version, truncated, checksum mismatch)."""
+
+
+class StoreUnavailableError(StoreError):
+    """A remote store (Redis) cannot be reached. Reads degrade to misses where they can; writes raise this."""

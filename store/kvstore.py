@@ -20,10 +20,11 @@ import lmdb
 import numpy as np
 import torch
 
-from .codec import QuantizedKV, decode_kv, encode_kv, entry_sizes
+from .codec import decode_kv, entry_sizes
 from .errors import CorruptEntryError, DiskFullError, StoreError
 from .eviction import EntryStats, choose_victims
 from .lmdbfile import check_data_file
+from .items import add_sizes, check_emb_dim, encode_entry, encode_item, encoded_sizes, meta_record, unpack_item
 from .records import EMB_MAGIC, META_MAGIC, decode_emb, decode_meta, encode_emb, encode_meta, is_checked
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 DB_NAMES = ("info", "kv", "meta", "emb", "ids", "sources", "usage")
 # Sub-databases added after the first release: a store written before them opens readonly without them.
 _OPTIONAL_DBS = ("usage",)
-KEY_BYTES = 32
 _MAX_READERS = 1024
 _MAX_MAP_BYTES = 1 << 46  # 64 TiB: growth beyond this means something is wrong, not a big corpus
 _ID = struct.Struct(">q")  # big-endian so LMDB's byte order is id order
@@ -95,6 +95,9 @@ class KVReader:
         except CorruptEntryError as e:
             self._on_damage("meta")
             raise CorruptEntryError(f"stored metadata of chunk {key.hex()[:16]} is unreadable: {e}") from e
+
+    def prefetch(self, keys: Sequence[bytes], *, kv: bool = True, meta: bool = False) -> None:
+        """Nothing to do for LMDB (reads are memory-mapped); a remote store reads these in one round trip."""
 
     def _get(self, key: bytes, db: str):
         if self._txn is None:
@@ -240,7 +243,8 @@ class KVStore:
         Over `max_kv_bytes` afterwards, other chunks' KVs are evicted (never those just written).
 
         Args:
-            items: (key, kv [2, layers, kv_heads, tokens, head_dim] (a tensor, or a QuantizedKV for int8),
+            items: (key, kv [2, layers, kv_heads, tokens, head_dim] (a tensor, a QuantizedKV for int8, or an
+                encoded entry's bytes copied from another store),
                 meta (JSON-serializable dict), embedding float32 [dim] or None) per chunk.
 
         Returns:
@@ -261,7 +265,7 @@ class KVStore:
             totals = self._totals(txn)
             emb_dim = _int_or_none(txn.get(_EMB_DIM, db=self._dbs["info"]))
             for index, item in enumerate(items):
-                key, kv, meta, emb = _unpack_item(item, index)
+                key, kv, meta, emb = unpack_item(item, index)
                 if key in key_to_id:
                     continue
                 stored_id, meta_ok = self._stored_id(txn, key)
@@ -270,10 +274,10 @@ class KVStore:
                     key_to_id[key] = stored_id
                     continue
                 if key not in encoded:
-                    encoded[key] = _encode_item(key, kv, emb)
+                    encoded[key] = encode_item(key, kv, emb)
                 kv_bytes, emb_bytes, num_payload, num_tokens, dim = encoded[key]
                 if old_kv is not None:  # rewritten (its metadata was damaged): count it once
-                    _add_sizes(totals, old_kv, -1)
+                    add_sizes(totals, old_kv, -1)
                 totals["kv_bytes"] += num_payload
                 totals["num_tokens"] += num_tokens
                 txn.put(key, kv_bytes, db=self._dbs["kv"])
@@ -282,9 +286,9 @@ class KVStore:
                     key_to_id[key] = stored_id
                     continue
                 if emb_bytes is not None:
-                    emb_dim = _check_emb_dim(emb_dim, dim, key)
+                    emb_dim = check_emb_dim(emb_dim, dim, key)
                 chunk_id = next_id if stored_id is None else stored_id
-                txn.put(key, _meta_json(key, meta, chunk_id), db=self._dbs["meta"])
+                txn.put(key, meta_record(key, meta, chunk_id), db=self._dbs["meta"])
                 if emb_bytes is not None:
                     txn.put(key, emb_bytes, db=self._dbs["emb"])
                 txn.put(_ID.pack(chunk_id), key, db=self._dbs["ids"])
@@ -406,7 +410,7 @@ class KVStore:
         Args:
             items: (key, kv [2, layers, kv_heads, tokens, head_dim]) per chunk; keys without metadata are skipped.
         """
-        encoded = [(key, buf, *_entry_sizes(buf)) for key, buf in ((key, encode_kv(kv)) for key, kv in items)]
+        encoded = [(key, buf, *encoded_sizes(buf)) for key, buf in ((key, encode_entry(key, kv)) for key, kv in items)]
         now = time.time()
 
         def write(txn: lmdb.Transaction) -> int:
@@ -417,7 +421,7 @@ class KVStore:
                     continue
                 old = txn.get(key, db=self._dbs["kv"])
                 if old is not None:
-                    _add_sizes(totals, old, -1)
+                    add_sizes(totals, old, -1)
                 txn.put(key, kv_bytes, db=self._dbs["kv"])
                 self._put_usage(txn, key, now, 0)
                 totals["kv_bytes"] += num_payload
@@ -457,7 +461,7 @@ class KVStore:
             for key in keys:
                 kv = txn.get(key, db=self._dbs["kv"])
                 if kv is not None:
-                    _add_sizes(totals, kv, -1)
+                    add_sizes(totals, kv, -1)
                 present = [txn.delete(key, db=self._dbs[db]) for db in ("kv", "meta", "emb")]
                 if self._dbs.get("usage") is not None:
                     txn.delete(key, db=self._dbs["usage"])
@@ -520,7 +524,7 @@ class KVStore:
         victims = choose_victims(entries, totals["kv_bytes"], max_bytes, time.time())
         freed = 0
         for entry in victims:
-            _add_sizes(totals, txn.get(entry.key, db=self._dbs["kv"]), -1)
+            add_sizes(totals, txn.get(entry.key, db=self._dbs["kv"]), -1)
             freed += entry.num_bytes
             txn.delete(entry.key, db=self._dbs["kv"])
         if victims:
@@ -866,69 +870,6 @@ class KVStore:
     def _totals(self, txn: lmdb.Transaction) -> dict:
         buf = txn.get(_TOTALS, db=self._dbs["info"])
         return {"kv_bytes": 0, "num_tokens": 0} if buf is None else json.loads(bytes(buf))
-
-
-def _unpack_item(item, index: int):
-    if not isinstance(item, (tuple, list)) or len(item) != 4:
-        raise ValueError(f"put_chunks item {index}: expected (key, kv, meta, embedding), got {type(item).__name__}")
-    key, kv, meta, emb = item
-    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-        raise ValueError(f"put_chunks item {index}: key must be {KEY_BYTES} bytes from chunk_key(), got {key!r:.60}")
-    if not isinstance(meta, dict):
-        raise ValueError(f"put_chunks item {index}: meta must be a dict, got {type(meta).__name__}")
-    return key, kv, meta, emb
-
-
-def _encode_item(key: bytes, kv, emb) -> tuple[bytes, bytes | None, int, int, int]:
-    """(kv bytes, embedding bytes or None, payload bytes, tokens, embedding dim) of one new chunk."""
-    if not isinstance(kv, (torch.Tensor, QuantizedKV)) or kv.dim() != 5 or kv.shape[0] != 2:
-        shape = list(kv.shape) if isinstance(kv, (torch.Tensor, QuantizedKV)) else type(kv).__name__
-        raise ValueError(
-            f"chunk {key.hex()[:16]}: kv must be a tensor [2, layers, kv_heads, tokens, head_dim], got {shape}"
-        )
-    emb_bytes, dim = None, 0
-    if emb is not None:
-        emb = np.asarray(emb, dtype=np.float32)
-        if emb.ndim != 1 or emb.size == 0 or not np.isfinite(emb).all():
-            raise ValueError(
-                f"chunk {key.hex()[:16]}: embedding must be a finite float32 vector [dim], got shape {emb.shape}"
-            )
-        emb_bytes, dim = encode_emb(emb), emb.size
-    kv_bytes = encode_kv(kv)
-    return kv_bytes, emb_bytes, *_entry_sizes(kv_bytes), dim
-
-
-def _entry_sizes(kv_bytes: bytes) -> tuple[int, int]:
-    """(payload bytes, tokens) of an entry just encoded."""
-    sizes = entry_sizes(kv_bytes)
-    if sizes is None:
-        raise ValueError("KV to store must be [2, layers, kv_heads, tokens, head_dim]")
-    return sizes
-
-
-def _meta_json(key: bytes, meta: dict, chunk_id: int) -> bytes:
-    try:
-        return encode_meta({**meta, "id": chunk_id})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"chunk {key.hex()[:16]}: meta is not JSON-serializable: {e}") from e
-
-
-def _add_sizes(totals: dict, kv_buf, sign: int) -> None:
-    """Add (sign=1) or remove (sign=-1) one stored KV entry's payload bytes and tokens from the totals."""
-    sizes = entry_sizes(kv_buf)
-    # A damaged header cannot say its size: count its bytes beyond a 64-byte header, no tokens.
-    num_payload, num_tokens = sizes if sizes is not None else (max(len(kv_buf) - 64, 0), 0)
-    totals["kv_bytes"] = max(0, totals["kv_bytes"] + sign * num_payload)
-    totals["num_tokens"] = max(0, totals["num_tokens"] + sign * num_tokens)
-
-
-def _check_emb_dim(emb_dim: int | None, dim: int, key: bytes) -> int:
-    if emb_dim is not None and dim != emb_dim:
-        raise ValueError(
-            f"chunk {key.hex()[:16]}: embedding has dim {dim}, the store holds dim {emb_dim}; the embedder "
-            "changed: ingest into a new store"
-        )
-    return dim
 
 
 def _free_bytes(path: Path) -> int:

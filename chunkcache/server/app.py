@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from store import DiskFullError
+from store import DiskFullError, StoreUnavailableError
 
 from .. import __version__
 from ..answer import Answer
@@ -412,6 +412,9 @@ def _engine_refusal(exc: Exception) -> ApiError | None:
         return ApiError(503, f"the server is busy: {exc}", "server_busy", {"Retry-After": "1"})
     if isinstance(exc, EngineClosed):
         return ApiError(503, "the server is shutting down; retry on another replica", "shutting_down")
+    if isinstance(exc, StoreUnavailableError):  # only when nothing here could stand in for the shared store
+        return ApiError(503, "the shared store is unreachable; retry shortly", "store_unavailable",
+                        {"Retry-After": "5"})
     return None
 
 

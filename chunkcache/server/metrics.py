@@ -46,6 +46,9 @@ class Metrics:
         self.unstored_chunks = Counter("chunkcache_unstored_chunks",
                                        "Request documents computed for the request only, not stored: their tenant "
                                        "was over its document quota, or documents are not persisted", registry=r)
+        self.store_unavailable = Counter("chunkcache_store_unavailable_requests",
+                                         "Requests served while the shared store (Redis) was unreachable: what "
+                                         "they could not read was computed locally", registry=r)
         self.cancelled = Counter("chunkcache_cancelled_requests",
                                  "Requests stopped because their client left (before the model, while decoding, "
                                  "or mid-stream)", registry=r)
@@ -83,6 +86,7 @@ class Metrics:
         self.prompt_tokens.inc(s.prompt_tokens)
         self.damaged_entries.inc(s.damaged_chunks)
         self.unstored_chunks.inc(s.unstored_chunks)
+        self.store_unavailable.inc(int(s.store_unavailable))
         self.completion_tokens.inc(s.completion_tokens)
         self.queue_time.observe(answer.timings.queue_s)
         self.e2e.observe(answer.total_s)
