@@ -75,10 +75,11 @@ def worker_store_spec(spec) -> str:
     return spec.remote
 
 
-def compute_on_ray(rt, chunks: list, options: RayOptions, report, bar=None) -> None:
+def compute_on_ray(rt, chunks: list, options: RayOptions, report, bar=None, on_batch=None) -> None:
     """Compute and store every chunk of `chunks` (PendingChunks, none stored yet) on Ray actors.
 
-    Updates `report` (chunks and tokens computed, compute seconds summed over workers) and `bar`.
+    Updates `report` (chunks and tokens computed, compute seconds summed over workers, worker processes)
+    and `bar`; `on_batch(result)` sees each batch's result dict (chunks, tokens, seconds, pid).
     Raises:
         RuntimeError: Ray cannot start or connect, or a batch failed after its retries.
     """
@@ -103,12 +104,17 @@ def compute_on_ray(rt, chunks: list, options: RayOptions, report, bar=None) -> N
     batches = [[(c.key, c.token_ids, c.text, c.meta) for c in chunks[i:i + options.batch]]
                for i in range(0, len(chunks), options.batch)]
     started = time.perf_counter()
+    pids: set[int] = set()
     try:
         for done in ActorPool(actors).map_unordered(lambda actor, batch: actor.store.remote(batch), batches):
             report.chunks_computed += done["chunks"]
             report.tokens_computed += done["tokens"]
             report.seconds_kv += done["seconds_kv"]
             report.seconds_embed += done["seconds_embed"]
+            pids.add(done["pid"])
+            report.workers = len(pids)
+            if on_batch is not None:
+                on_batch(done)
             if bar is not None:
                 bar.update(done["chunks"])
                 elapsed = time.perf_counter() - started

@@ -60,6 +60,7 @@ class IngestReport:
     seconds_kv: float = 0.0
     seconds_embed: float = 0.0
     seconds_total: float = 0.0
+    workers: int = 0  # Ray worker processes that computed chunks (0: computed here); a restarted one counts again
 
     @property
     def tokens_per_s(self) -> float:
@@ -72,8 +73,10 @@ class IngestReport:
                  + (f", {self.chunks_retired} retired from edited or removed files" if self.chunks_retired else "")
                  + ")",
                  f"KV compute: {self.tokens_computed} tokens in {self.seconds_kv:.1f} s "
-                 f"({self.tokens_per_s:.0f} tokens/s); embedding {self.seconds_embed:.1f} s; "
-                 f"total {self.seconds_total:.1f} s"]
+                 f"({self.tokens_per_s:.0f} tokens/s"
+                 + (f" per worker, {self.workers} Ray worker process{'es' if self.workers != 1 else ''}"
+                    if self.workers else "")
+                 + f"); embedding {self.seconds_embed:.1f} s; total {self.seconds_total:.1f} s"]
         if self.ignored:
             kinds = Counter(Path(p).suffix or "(no suffix)" for p in self.ignored)
             lines.append(f"ignored (unsupported types; supported: {' '.join(SUPPORTED_SUFFIXES)}): "
