@@ -167,3 +167,20 @@ def redis_server(tmp_path_factory):
 def redis_url(redis_server, request):
     """A store URL with a prefix of its own per test, on the session's Redis."""
     return f"{redis_server.url}?prefix=t{abs(hash(request.node.nodeid)) % 10**12}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random model saved as a model directory, for other processes (Ray workers, servers) to load
+    as users load theirs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-model")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

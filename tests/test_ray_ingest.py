@@ -18,22 +18,6 @@ TEXTS = [{"text": f"Station {i} records {i * 3} millimetres of rain in spring. I
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    """The tiny random model saved as a model directory, so that Ray workers load it as users load theirs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny-model")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
-
-
-@pytest.fixture(scope="module")
 def ray_cluster():
     import ray
 
@@ -42,8 +26,8 @@ def ray_cluster():
     ray.shutdown()
 
 
-def open_pipe(store, model_dir):
-    return RAGPipeline.open(store, model=model_dir, kv_dtype="float32", chunk_tokens=48, threads=1)
+def open_pipe(store, tiny_model_dir):
+    return RAGPipeline.open(store, model=tiny_model_dir, kv_dtype="float32", chunk_tokens=48, threads=1)
 
 
 def stored(pipe):
@@ -55,10 +39,10 @@ def stored(pipe):
         return {k: (int(i), r.kv(k).clone(), v) for k, i, v in zip(keys, ids, vecs)}
 
 
-def test_ray_ingest_stores_what_a_local_ingest_stores(ray_cluster, model_dir, redis_server, tmp_path):
-    local = open_pipe(tmp_path / "local", model_dir)
+def test_ray_ingest_stores_what_a_local_ingest_stores(ray_cluster, tiny_model_dir, redis_server, tmp_path):
+    local = open_pipe(tmp_path / "local", tiny_model_dir)
     local.ingest_texts(TEXTS, progress=False)
-    pipe = open_pipe(redis_server.url + "?prefix=ray-same", model_dir)
+    pipe = open_pipe(redis_server.url + "?prefix=ray-same", tiny_model_dir)
     report = pipe.ingest_texts(TEXTS, progress=False, ray=RayOptions(workers=2, threads=1, batch=4))
     assert report.chunks_computed == len(TEXTS) and report.workers == 2 and report.chunks_reused == 0
     ours, theirs = stored(pipe), stored(local)
@@ -79,8 +63,8 @@ def test_ray_ingest_stores_what_a_local_ingest_stores(ray_cluster, model_dir, re
     pipe.close()
 
 
-def test_a_worker_killed_mid_ingest_loses_and_duplicates_nothing(ray_cluster, model_dir, redis_server):
-    pipe = open_pipe(redis_server.url + "?prefix=ray-kill", model_dir)
+def test_a_worker_killed_mid_ingest_loses_and_duplicates_nothing(ray_cluster, tiny_model_dir, redis_server):
+    pipe = open_pipe(redis_server.url + "?prefix=ray-kill", tiny_model_dir)
     chunks = [c for n, item in enumerate(TEXTS) for c in document_chunks(pipe.rt, text_document(item, n))]
     report, killed = IngestReport(), []
 
@@ -99,7 +83,7 @@ def test_a_worker_killed_mid_ingest_loses_and_duplicates_nothing(ray_cluster, mo
     pipe.close()
 
 
-def test_ray_options_reach_the_cli(redis_server, model_dir, tmp_path, ray_cluster, capsys):
+def test_ray_options_reach_the_cli(redis_server, tiny_model_dir, tmp_path, ray_cluster, capsys):
     from chunkcache.cli import main
 
     corpus = tmp_path / "corpus"
@@ -107,7 +91,7 @@ def test_ray_options_reach_the_cli(redis_server, model_dir, tmp_path, ray_cluste
     for item in TEXTS[:6]:
         (corpus / f"{item['source']}.txt").write_text(item["text"])
     store = redis_server.url + "?prefix=ray-cli"
-    assert main(["ingest", str(corpus), "--store", store, "--model", model_dir, "--chunk-tokens", "48",
+    assert main(["ingest", str(corpus), "--store", store, "--model", tiny_model_dir, "--chunk-tokens", "48",
                  "--ray", "--ray-workers", "2", "--ray-threads", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "6 computed" in out and "Ray worker process" in out
