@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("copy", help="copy a store into another (e.g. an LMDB store into Redis)",
+                       description="Copy every chunk (KV entries byte for byte, metadata, embeddings), the source "
+                       "records and the manifest from one store to another, e.g. to move a store built on one "
+                       "machine into the shared Redis tier: chunkcache copy --from DIR --to redis://HOST:6379/0")
+    p.add_argument("--from", dest="source", required=True, metavar="STORE", help="the store to copy")
+    p.add_argument("--to", dest="target", required=True, metavar="STORE", help="where to (empty, or the same kind)")
+    p.set_defaults(func=cmd_copy)
+
     p = sub.add_parser("gc", help="evict KV entries until the store's KV bytes fit a size",
                        description="Evict KV entries (never text, metadata or embeddings: evicted chunks stay "
                        "retrievable and are recomputed on their next use) until the KV payload is at most BYTES "
@@ -370,6 +378,21 @@ def cmd_verify(args) -> int:
             report, _ = verify_store(store)
     print(report.summary())
     return 0 if report.clean else 1
+
+
+def cmd_copy(args) -> int:
+    from store import open_backend, parse_store_spec, store_exists
+    from store.copy import copy_store
+
+    source, target = parse_store_spec(args.source), parse_store_spec(args.target)
+    if not store_exists(source):
+        raise ValueError(f"no chunkcache store at {source.describe()}; nothing to copy")
+    with open_backend(source, readonly=True) as src, open_backend(target) as dst:
+        done = copy_store(src, dst)
+    print(f"copied {done['chunks']} chunks and {done['sources']} source records from {source.describe()} to "
+          f"{target.describe()}" + (f"; {done['evicted_left_out']} chunks without a stored KV left out (re-ingest "
+                                    "their sources to restore them)" if done["evicted_left_out"] else ""))
+    return 0
 
 
 def cmd_gc(args) -> int:

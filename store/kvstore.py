@@ -99,6 +99,10 @@ class KVReader:
     def prefetch(self, keys: Sequence[bytes], *, kv: bool = True, meta: bool = False) -> None:
         """Nothing to do for LMDB (reads are memory-mapped); a remote store reads these in one round trip."""
 
+    def raw_kv(self, key: bytes):
+        """The stored entry's bytes, unchecked (a view valid inside the block), or None: for copying stores."""
+        return self._get(key, "kv")
+
     def _get(self, key: bytes, db: str):
         if self._txn is None:
             raise StoreError("KVReader used after its `with store.reader()` block ended; read inside the block")

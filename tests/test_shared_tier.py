@@ -173,3 +173,20 @@ def test_redis_store_rejects_a_store_built_by_another_model(redis_url, tiny_lm, 
     with pytest.raises(Exception, match="different model"):
         replica(redis_url, make_tiny_lm(tokenizer, seed=5), hash_embedder)
     assert RedisStore(redis_url).manifest["model"] == tiny_lm.spec
+
+
+def test_copy_moves_an_lmdb_store_into_redis(tmp_path, redis_url, tiny_lm, hash_embedder, docs, lmdb_reference,
+                                             capsys):
+    from chunkcache.cli import main
+
+    lmdb_reference.close()  # written; the CLI opens it read-only
+    assert main(["copy", "--from", str(tmp_path / "reference"), "--to", redis_url]) == 0
+    assert "copied 4 chunks and 3 source records" in capsys.readouterr().out  # 3 documents and the prefix
+    pipe = replica(redis_url, tiny_lm, hash_embedder)
+    reference = replica(tmp_path / "reference", tiny_lm, hash_embedder)
+    assert pipe.rt.store.kv.embeddings()[0].tolist() == reference.rt.store.kv.embeddings()[0].tolist()
+    tokens, stats = answer_tokens(pipe)
+    assert stats.chunk_hits == 3 and tokens == answer_tokens(reference)[0]
+    assert main(["copy", "--from", str(tmp_path / "nothing"), "--to", redis_url]) == 1
+    pipe.close()
+    reference.close()
