@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-threads", type=int, default=None, metavar="N",
                    help="torch threads per Ray actor (default: this machine's cores / workers)")
     p.add_argument("--ray-gpus", type=float, default=0, metavar="N", help="GPUs per Ray actor (default 0)")
+    p.add_argument("--ray-batch", type=int, default=16, metavar="N",
+                   help="chunks per Ray call and per store transaction (default 16)")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("query", help="answer a question over a store")
@@ -271,15 +273,16 @@ def _ray_options(args):
         return None
     from .distributed import RayOptions
 
-    if args.ray_workers < 1:
-        raise ValueError(f"--ray-workers must be at least 1, got {args.ray_workers}")
+    if args.ray_workers < 1 or args.ray_batch < 1:
+        raise ValueError(f"--ray-workers and --ray-batch must be at least 1, got {args.ray_workers} and "
+                         f"{args.ray_batch}")
     from store import parse_store_spec
 
     from .distributed import worker_store_spec
 
     worker_store_spec(parse_store_spec(args.store))  # refuses a store the workers cannot reach, before any work
     return RayOptions(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
-                      threads=args.ray_threads, gpus=args.ray_gpus)
+                      threads=args.ray_threads, gpus=args.ray_gpus, batch=args.ray_batch)
 
 
 def existing_store(args) -> None:

@@ -190,3 +190,23 @@ def test_copy_moves_an_lmdb_store_into_redis(tmp_path, redis_url, tiny_lm, hash_
     assert main(["copy", "--from", str(tmp_path / "nothing"), "--to", redis_url]) == 1
     pipe.close()
     reference.close()
+
+
+def test_verify_and_repair_a_redis_store(redis_url, tiny_lm, hash_embedder, docs, lmdb_reference):
+    from chunkcache.repair import repair_store, verify_store
+
+    pipe = replica(redis_url, tiny_lm, hash_embedder)
+    pipe.ingest_texts(docs, progress=False)
+    far = pipe.rt.store.kv
+    keys = [bytes.fromhex(s.key) for s in pipe.retrieve(QUESTION)]
+    for name in (far.kv_name(keys[0]), far._emb_prefix + keys[1]):
+        buf = bytearray(far.client.get(name))
+        buf[-1] ^= 0x01
+        far.client.set(name, bytes(buf))
+    report, _ = verify_store(pipe.rt.store)
+    assert not report.clean and report.damaged == {"kv": 1, "meta": 0, "emb": 1}
+    repaired = repair_store(pipe.rt)
+    assert repaired.repaired == {"kv": 1, "emb": 1}
+    assert verify_store(pipe.rt.store)[0].clean
+    assert answer_tokens(pipe)[0] == answer_tokens(lmdb_reference)[0]
+    pipe.close()
