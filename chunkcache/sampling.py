@@ -11,10 +11,13 @@ GREEDY_BELOW = 1e-4
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """logits: [vocab] fp32. temperature 0 (or below GREEDY_BELOW) means greedy."""
-    if temperature < GREEDY_BELOW:
+    # Penalties can overflow a logit (a repetition penalty of 1e-200 divides by it): an infinite logit is
+    # the largest finite one, a NaN never wins, and shifting by the maximum keeps the division below finite.
+    logits = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    if temperature < GREEDY_BELOW or not torch.isfinite(logits.max()):
         # Dividing by a tiny temperature overflows to inf and breaks sampling; the limit is greedy.
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).

@@ -71,3 +71,15 @@ def test_penalties_change_greedy_decoding_and_defaults_do_not(tiny_pipe):
 def test_bad_decoding_options_are_refused(tiny_pipe, kwargs, match):
     with pytest.raises(QueryError, match=match):
         tiny_pipe.query(Q, documents=DOCS, **kwargs)
+
+
+def test_overflowing_penalties_still_sample():
+    """A repetition penalty of 1e-200 turns logits infinite (the fuzzer found a 500); sampling picks among
+    the largest, and never fails."""
+    from chunkcache.sampling import next_token
+
+    logits = torch.tensor([1.0, float("inf"), float("nan"), -float("inf"), float("inf")])
+    gen = torch.Generator().manual_seed(0)
+    assert {next_token(logits, 2.0, 1.0, gen) for _ in range(50)} == {1, 4}
+    assert next_token(logits, 0.0, 1.0, gen) in (1, 4)
+    assert next_token(torch.full((4,), float("nan")), 1.0, 0.9, gen) in range(4)
