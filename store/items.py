@@ -7,7 +7,7 @@ import torch
 
 from .codec import QuantizedKV, decode_kv, encode_kv, entry_sizes
 from .errors import CorruptEntryError
-from .records import encode_emb, encode_meta
+from .records import EMB_MAGIC, META_MAGIC, decode_emb, decode_meta, encode_emb, encode_meta, is_checked
 
 KEY_BYTES = 32
 
@@ -85,3 +85,27 @@ def check_emb_dim(emb_dim: int | None, dim: int, key: bytes) -> int:
             "changed: ingest into a new store"
         )
     return dim
+
+
+def check_record(found: dict, key: bytes, meta, kv, emb, dim: int | None) -> None:
+    """File one chunk's damaged or legacy values under `found` (`scan`'s result); kv None: not checked."""
+    if meta is None:
+        return
+    try:
+        decode_meta(meta)
+    except CorruptEntryError:
+        found["meta"].append(key)
+    legacy = not is_checked(meta, META_MAGIC)
+    if kv is not None:
+        try:
+            decode_kv(kv, verify=True)
+        except CorruptEntryError:
+            found["kv"].append(key)
+    if emb is not None:
+        try:
+            decode_emb(emb, dim)
+        except CorruptEntryError:
+            found["emb"].append(key)
+        legacy = legacy or not is_checked(emb, EMB_MAGIC)
+    if legacy and key not in found["meta"]:
+        found["legacy"].append(key)

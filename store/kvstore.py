@@ -24,8 +24,8 @@ from .codec import decode_kv, entry_sizes
 from .errors import CorruptEntryError, DiskFullError, StoreError
 from .eviction import EntryStats, choose_victims
 from .lmdbfile import check_data_file
-from .items import add_sizes, check_emb_dim, encode_entry, encode_item, encoded_sizes, meta_record, unpack_item
-from .records import EMB_MAGIC, META_MAGIC, decode_emb, decode_meta, encode_emb, encode_meta, is_checked
+from .items import add_sizes, check_emb_dim, check_record, encode_entry, encode_item, encoded_sizes, meta_record, unpack_item
+from .records import decode_emb, decode_meta, encode_emb, encode_meta
 
 log = logging.getLogger(__name__)
 
@@ -555,26 +555,8 @@ class KVStore:
             dim = _int_or_none(txn.get(_EMB_DIM, db=self._dbs["info"]))
             for key, meta in txn.cursor(db=self._dbs["meta"]):
                 key = bytes(key)
-                try:
-                    decode_meta(meta)
-                except CorruptEntryError:
-                    found["meta"].append(key)
-                legacy = not is_checked(meta, META_MAGIC)
-                kv = txn.get(key, db=self._dbs["kv"])
-                if kv is not None and verify:
-                    try:
-                        decode_kv(kv, verify=True)
-                    except CorruptEntryError:
-                        found["kv"].append(key)
-                emb = txn.get(key, db=self._dbs["emb"])
-                if emb is not None:
-                    try:
-                        decode_emb(emb, dim)
-                    except CorruptEntryError:
-                        found["emb"].append(key)
-                    legacy = legacy or not is_checked(emb, EMB_MAGIC)
-                if legacy and key not in found["meta"]:
-                    found["legacy"].append(key)
+                kv = txn.get(key, db=self._dbs["kv"]) if verify else None
+                check_record(found, key, meta, kv, txn.get(key, db=self._dbs["emb"]), dim)
             for _id, key in txn.cursor(db=self._dbs["ids"]):
                 if txn.get(bytes(key), db=self._dbs["meta"]) is None:
                     found["orphan_ids"].append(bytes(key))

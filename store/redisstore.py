@@ -35,8 +35,8 @@ import numpy as np
 
 from .codec import decode_kv, entry_sizes
 from .errors import CorruptEntryError, StoreError, StoreUnavailableError
-from .items import add_sizes, check_emb_dim, encode_entry, encode_item, meta_record, unpack_item
-from .records import EMB_MAGIC, META_MAGIC, decode_emb, decode_meta, encode_emb, encode_meta, is_checked
+from .items import add_sizes, check_emb_dim, check_record, encode_entry, encode_item, meta_record, unpack_item
+from .records import decode_emb, decode_meta, encode_emb, encode_meta
 
 log = logging.getLogger(__name__)
 
@@ -505,7 +505,7 @@ class RedisStore:
                 p.mget([self._emb_name(k) for k in batch])]))
             kvs = values[1] if verify else [None] * len(batch)
             for key, meta, kv, emb in zip(batch, values[0], kvs, values[2]):
-                _check_record(found, key, meta, kv, emb, dim)
+                check_record(found, key, meta, kv, emb, dim)
         known = set(keys)
         for _id, key in self.io("reading ids", lambda: list(self.client.hscan_iter(self._ids, count=_BATCH))):
             if key not in known:
@@ -635,30 +635,6 @@ class RedisStore:
 
 def _doc_field(namespace: str) -> str:
     return "document_bytes/" + namespace
-
-
-def _check_record(found: dict, key: bytes, meta, kv, emb, dim: int | None) -> None:
-    """File one chunk's damaged or legacy values under `found` (as KVStore.scan does)."""
-    if meta is None:
-        return
-    try:
-        decode_meta(meta)
-    except CorruptEntryError:
-        found["meta"].append(key)
-    legacy = not is_checked(meta, META_MAGIC)
-    if kv is not None:
-        try:
-            decode_kv(kv, verify=True)
-        except CorruptEntryError:
-            found["kv"].append(key)
-    if emb is not None:
-        try:
-            decode_emb(emb, dim)
-        except CorruptEntryError:
-            found["emb"].append(key)
-        legacy = legacy or not is_checked(emb, EMB_MAGIC)
-    if legacy and key not in found["meta"]:
-        found["legacy"].append(key)
 
 
 def wait_for_redis(url: str, seconds: float = 10.0) -> None:

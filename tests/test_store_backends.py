@@ -5,7 +5,6 @@ is tested after the contract.
 """
 import threading
 
-import numpy as np
 import pytest
 import torch
 
