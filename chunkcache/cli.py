@@ -403,12 +403,13 @@ def cmd_gc(args) -> int:
 
     from .storedir import ChunkStore
 
-    if not store_exists(parse_store_spec(args.store)):
-        raise ValueError(f"no chunkcache store at {args.store}; nothing to collect")
+    spec = parse_store_spec(args.store)
+    if not store_exists(spec):
+        raise ValueError(f"no chunkcache store at {spec.describe()}; nothing to collect")
     with ChunkStore(args.store) as store:
         target = args.to if args.to is not None else (store.manifest or {}).get("max_store_bytes")
         if target is None:
-            raise ValueError(f"store {args.store} has no max_store_bytes; give the target size: --to BYTES")
+            raise ValueError(f"store {spec.describe()} has no max_store_bytes; give the target size: --to BYTES")
         before = store.kv.kv_bytes()
         evicted, freed = store.kv.evict_to(target)
         if args.set_cap:

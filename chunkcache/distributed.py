@@ -90,7 +90,8 @@ def compute_on_ray(rt, chunks: list, options: RayOptions, report, bar=None, on_b
 
     store = worker_store_spec(rt.store.spec)
     threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         log.info("starting Ray (%s)", options.address or "a local cluster")
         try:
             ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
@@ -124,3 +125,5 @@ def compute_on_ray(rt, chunks: list, options: RayOptions, report, bar=None, on_b
     finally:
         for actor in actors:
             ray.kill(actor)
+        if started_ray:  # a cluster this call started (or joined) is left as it was found
+            ray.shutdown()

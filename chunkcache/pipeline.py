@@ -594,6 +594,10 @@ class RAGPipeline:
         prefix_key = rt.prefix_key()
         entries = []
         try:
+            if not getattr(rt.store.kv, "available", True):
+                # The shared store is unreachable (it logs that once): compute the misses below, once, into
+                # this request, rather than compute them to store and then again when the write fails.
+                raise StoreUnavailableError("the shared store is unreachable")
             unstored = self._unstored(req, chunks, missing)
             if missing - unstored:
                 store_chunks(rt, [PendingChunk(c.key, c.token_ids, c.text, {
@@ -606,7 +610,7 @@ class RAGPipeline:
                     ensure_prefix(rt)
         except StoreUnavailableError as exc:
             # The shared store went away: what could not be stored is computed into this request below.
-            log.warning("%s; computing this request's misses locally", exc)
+            log.debug("%s; computing this request's misses locally", exc)
         if template is rt.template:
             entries.append((prefix_key, None))
         placed = list(zip(chunks, layout.chunk_starts))
@@ -677,8 +681,8 @@ class RAGPipeline:
         try:
             if fresh:
                 rt.store.kv.replace_kv(fresh)
-        except StoreUnavailableError as exc:
-            log.warning("%s; %d recomputed KV entries used from memory only", exc, len(fresh))
+        except StoreUnavailableError as exc:  # logged once per outage by the store
+            log.debug("%s; %d recomputed KV entries used from memory only", exc, len(fresh))
         except StoreError as exc:
             log.warning("could not rewrite %d recomputed KV entries (%s); this request uses them from memory",
                         len(fresh), exc)

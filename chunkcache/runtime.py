@@ -53,6 +53,14 @@ class Runtime:
             overrides: ChunkCacheConfig fields; for an existing store these may not change what its tensors hold.
         """
         store = ChunkStore(store_dir)
+        try:
+            return cls._open(store, config, lm, embedder, overrides)
+        except BaseException:
+            store.close()  # nobody else holds it: release the environment (or the Redis connections)
+            raise
+
+    @classmethod
+    def _open(cls, store: ChunkStore, config, lm, embedder, overrides) -> "Runtime":
         config = (config or ChunkCacheConfig()).replace(**overrides)
         manifest = store.manifest
         if manifest is not None:
@@ -60,7 +68,7 @@ class Runtime:
             changed = {k: v for k, v in overrides.items() if k in recorded and recorded[k] != v
                        and k not in ("model", "embedder")}
             if changed:
-                raise ValueError(f"store {store_dir} was built with {({k: recorded[k] for k in changed})}; "
+                raise ValueError(f"store {store.path} was built with {({k: recorded[k] for k in changed})}; "
                                  f"these settings cannot be overridden for it (asked: {changed})")
             config = config.replace(**{k: v for k, v in recorded.items() if k not in overrides})
             if "max_store_bytes" not in overrides and manifest.get("max_store_bytes") is not None:

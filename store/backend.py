@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -24,9 +24,9 @@ REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 @dataclass(frozen=True)
 class StoreSpec:
-    text: str  # as given (with any password: never log it; use `describe`)
+    text: str = field(repr=False)  # as given (with any password: never log it; use `describe`)
     local: Path | None  # the LMDB directory, if any
-    remote: str | None  # the Redis URL, if any
+    remote: str | None = field(repr=False)  # the Redis URL, if any
 
     @property
     def index_dir(self) -> Path | None:
@@ -58,7 +58,7 @@ def parse_store_spec(spec) -> StoreSpec:
             local, sep, remote = rest.partition("+" + scheme)
             if sep:
                 if not local:
-                    raise ValueError(f"store {text!r}: give the near cache's directory: lmdb:DIR+{scheme}...")
+                    raise ValueError(f"store lmdb:+{scheme}...: give the near cache's directory: lmdb:DIR+{scheme}...")
                 return StoreSpec(text, Path(local), scheme + remote)
         if not rest:
             raise ValueError(f"store {text!r}: give a directory after lmdb:")
@@ -75,8 +75,8 @@ def open_backend(spec: StoreSpec, *, readonly: bool = False) -> "StoreBackend":
     from .redisstore import RedisStore
 
     far = RedisStore(spec.remote, readonly=readonly)
-    if spec.local is None:
-        return far
+    if spec.local is None or (readonly and not store_exists(StoreSpec(str(spec.local), spec.local, None))):
+        return far  # a read-only tool on a replica whose near cache does not exist yet reads the shared tier
     from .tiered import TieredStore
 
     try:

@@ -9,8 +9,10 @@ BATCH = 64  # chunks per write transaction
 
 def copy_store(src, dst, *, on_batch: Callable[[int], None] | None = None) -> dict:
     """Copy everything `src` holds into `dst` (store backends, store/backend.py), in chunk id order, so an
-    empty `dst` gets the same ids. Chunks `dst` already holds keep theirs. A chunk whose KV was evicted in
-    `src` is left out (a store entry needs its KV): re-ingesting its source into `dst` restores it.
+    empty `dst` gets the same ids when `src` has none retired (retired ids leave gaps that `dst` closes).
+    Chunks `dst` already holds keep theirs. A chunk whose KV was evicted in `src` is left out (a store entry
+    needs its KV), and the sources that hold it are copied as incomplete, so that re-ingesting them into
+    `dst` restores it. Per-tenant document quotas are not copied: they start from zero in `dst`.
 
     Returns:
         {"chunks": chunks copied (or already there), "evicted_left_out": chunks without a KV in `src`,
@@ -31,6 +33,7 @@ def copy_store(src, dst, *, on_batch: Callable[[int], None] | None = None) -> di
     embeddings = dict(zip(ids.tolist(), vecs))
     next_id, _ = src.watermark()
     copied = left_out = 0
+    absent: set[str] = set()
     for lo in range(0, next_id, BATCH):
         span = list(range(lo, min(lo + BATCH, next_id)))
         keys = [(i, k) for i, k in zip(span, src.key_for_id(span)) if k is not None]
@@ -45,6 +48,7 @@ def copy_store(src, dst, *, on_batch: Callable[[int], None] | None = None) -> di
                 items.append((key, None if raw is None else bytes(raw), {k: v for k, v in meta.items() if k != "id"},
                               embeddings.get(chunk_id)))
         with_kv = [item for item in items if item[1] is not None]
+        absent.update(item[0].hex() for item in items if item[1] is None)
         if with_kv:
             dst.put_chunks(with_kv)
         copied += len(with_kv)
@@ -53,5 +57,7 @@ def copy_store(src, dst, *, on_batch: Callable[[int], None] | None = None) -> di
             on_batch(len(items))
     sources = src.sources()
     for path, record in sources.items():
+        if absent & set(record.get("keys", [])):
+            record = {**record, "complete": False}
         dst.put_source(path, record)
     return {"chunks": copied, "evicted_left_out": left_out, "sources": len(sources)}

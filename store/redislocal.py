@@ -35,7 +35,11 @@ class LocalRedis:
     def start(self) -> None:
         self.process = subprocess.Popen([self.binary, *self.args], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
-        wait_for_redis(self.url)
+        try:
+            wait_for_redis(self.url)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Kill the server (as a crash would)."""

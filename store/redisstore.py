@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from .codec import decode_kv, entry_sizes
-from .errors import CorruptEntryError, StoreError, StoreUnavailableError
+from .errors import CorruptEntryError, DiskFullError, StoreError, StoreUnavailableError
 from .items import add_sizes, check_emb_dim, check_record, encode_entry, encode_item, meta_record, unpack_item
 from .records import decode_emb, decode_meta, encode_emb, encode_meta
 
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFIX = "chunkcache"
 KV_EXPIRE_S = 50 * 365 * 86400  # marks KV entries (only them) as evictable under volatile-* policies
 _HEADER_BYTES = 64  # a KV entry's header (ndim 5): enough to read its shape without its payload
-_META_MEMO = 50_000  # metadata kept in memory, for retrieval while Redis is unreachable
+_META_MEMO = 50_000  # metadata (and ids) of retrieved chunks kept in memory, for retrieval while Redis is down
+_RETRY_AFTER_S = 1.0  # while Redis is down, calls within this long of the last failure fail at once
 _BATCH = 2_000  # keys per pipelined round trip when scanning
 
 
@@ -53,17 +54,22 @@ def split_redis_url(url: str) -> tuple[str, str]:
     query = parse_qs(parts.query, keep_blank_values=True)
     prefix = query.pop("prefix", [DEFAULT_PREFIX])[-1]
     if not prefix or any(c in prefix for c in " \n*?[]"):
-        raise ValueError(f"store URL {url!r}: prefix must be a plain non-empty name (no spaces or glob characters)")
+        raise ValueError(f"store URL {redacted(url)}: prefix must be a plain non-empty name (no spaces or glob "
+                         "characters)")
     return urlunsplit(parts._replace(query=urlencode(query, doseq=True))), prefix
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password (in the authority or as `?password=`), for messages and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        port = f":{parts.port}" if parts.port else ""
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname}{port}")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if "password" in query:
+        query["password"] = ["***"]
+        parts = parts._replace(query=urlencode(query, doseq=True, safe="*"))
+    return urlunsplit(parts)
 
 
 class RedisReader:
@@ -152,7 +158,6 @@ class RedisStore:
         from redis.retry import Retry
 
         self._errors = (redis.ConnectionError, redis.TimeoutError)
-        self._watch_error = redis.WatchError
         client_url, self.prefix = split_redis_url(url)
         self.url = url
         self.path = redacted(url)  # what messages name
@@ -169,11 +174,16 @@ class RedisStore:
         self._down = False
         self._lock = threading.Lock()
         self._metas: OrderedDict[bytes, dict] = OrderedDict()
-        self._id_keys: dict[int, bytes] = {}
+        self._id_keys: OrderedDict[int, bytes] = OrderedDict()
+        self._failed_at = 0.0
         self._manifest: dict | None = None
-        self.io("connecting", self.client.ping)
-        if readonly and self.manifest is None:
-            raise StoreError(f"no store at {self.path}: run `chunkcache ingest PATH --store {self.path}` first")
+        try:
+            self.io("connecting", self.client.ping)
+            if readonly and self.manifest is None:
+                raise StoreError(f"no store at {self.path}: run `chunkcache ingest PATH --store {self.path}` first")
+        except BaseException:
+            self.client.close()
+            raise
 
     @classmethod
     def shared(cls, url: str, *, readonly: bool = False) -> "RedisStore":
@@ -191,19 +201,36 @@ class RedisStore:
     # ---- availability
 
     def io(self, what: str, fn):
-        """Run one Redis call; a connection failure becomes StoreUnavailableError (counted, logged once)."""
+        """Run one Redis call. Unreachable (or read-only after a failover): StoreUnavailableError, counted,
+        logged once per outage; within _RETRY_AFTER_S of a failure, raised without trying (a host that
+        drops packets would otherwise cost every call its timeout). Out of memory: DiskFullError. Any
+        other Redis error: StoreError."""
+        import redis
+
+        if self._down and time.monotonic() - self._failed_at < _RETRY_AFTER_S:
+            with self._lock:
+                self.outages += 1
+            raise StoreUnavailableError(f"the Redis store {self.path} is unreachable (retrying within "
+                                        f"{_RETRY_AFTER_S:g} s) while {what}")
         try:
             out = fn()
-        except self._errors as e:
+        except (*self._errors, redis.ReadOnlyError) as e:
             with self._lock:
                 self.outages += 1
                 first = not self._down
                 self._down = True
+                self._failed_at = time.monotonic()
             if first:
                 log.warning("Redis store %s is unreachable (%s): queries compute what they cannot read, writes "
                             "are skipped until it returns", self.path, e)
             raise StoreUnavailableError(f"the Redis store {self.path} is unreachable while {what} ({e}); check "
                                         "that Redis is running and the URL is right") from e
+        except redis.OutOfMemoryError as e:
+            raise DiskFullError(f"the Redis store {self.path} is full while {what} ({e}): raise Redis's maxmemory, "
+                                "or set maxmemory-policy volatile-lru so that KV entries are evicted "
+                                "(docs/SCALE-OUT.md)") from e
+        except redis.RedisError as e:
+            raise StoreError(f"the Redis store {self.path} refused {what}: {e}") from e
         if self._down:
             self._down = False
             log.warning("Redis store %s is reachable again", self.path)
@@ -290,12 +317,13 @@ class RedisStore:
             next_id, emb_dim, num_emb = (int(v) if v is not None else None for v in info)
             next_id = next_id or 0
             stored = self._ids_in(keys, pipe.mget(meta_names))
-            with_kv = self._pipelined(lambda p: [p.exists(self.kv_name(k)) for k in keys])
+            found = self._pipelined(lambda p: [(p.exists(self.kv_name(k)), p.exists(self._emb_name(k))) for k in keys])
+            with_kv, with_emb = found[0::2], found[1::2]
             key_to_id: dict[bytes, int] = {}
             totals = {"kv_bytes": 0, "num_tokens": 0}
             new_embs = 0
             pipe.multi()
-            for key, has_kv in zip(keys, with_kv):
+            for key, has_kv, has_emb in zip(keys, with_kv, with_emb):
                 chunk_id, meta_ok = stored.get(key, (None, True))
                 if chunk_id is not None and meta_ok and has_kv:
                     key_to_id[key] = chunk_id
@@ -317,7 +345,7 @@ class RedisStore:
                 if emb_bytes is not None:
                     emb_dim = check_emb_dim(emb_dim, dim, key)
                     pipe.set(self._emb_name(key), emb_bytes)
-                    new_embs += 1
+                    new_embs += not has_emb
                 pipe.hset(self._ids, str(chunk_id), key)
                 key_to_id[key] = chunk_id
             pipe.hset(self._info, "next_id", next_id)
@@ -330,8 +358,6 @@ class RedisStore:
 
         key_to_id = self.io("storing chunks", lambda: self.client.transaction(
             write, self._info, *meta_names, value_from_callable=True))
-        with self._lock:
-            self._id_keys.update((i, k) for k, i in key_to_id.items())
         return key_to_id
 
     def put_kv(self, key: bytes, kv, meta: dict) -> int:
@@ -365,7 +391,12 @@ class RedisStore:
                 raise
             return keys
         with self._lock:
-            self._id_keys.update((i, k) for i, k in zip(values, keys) if k is not None)
+            for i, k in zip(values, keys):
+                if k is not None:
+                    self._id_keys[i] = k
+                    self._id_keys.move_to_end(i)
+            while len(self._id_keys) > _META_MEMO:
+                self._id_keys.popitem(last=False)
         return keys
 
     def embeddings(self, since_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -390,8 +421,6 @@ class RedisStore:
                     log.warning("chunk %s left out of the index: its embedding is damaged (%s)", key.hex()[:16], e)
                     continue
                 ids.append(chunk_id)
-            with self._lock:
-                self._id_keys.update(present)
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         return np.asarray(ids, dtype=np.int64), np.stack(rows)
@@ -414,25 +443,26 @@ class RedisStore:
         if not encoded:
             return
         keys = [k for k, _ in encoded]
-        has_meta = self.io("checking chunks", lambda: self._pipelined(
-            lambda p: [p.exists(self.meta_name(k)) for k in keys]))
-        old = self._kv_sizes(keys)
-        todo = [(k, buf) for (k, buf), ok in zip(encoded, has_meta) if ok]
-        totals = {"kv_bytes": 0, "num_tokens": 0}
-        for key, buf in todo:
-            if key in old:
-                totals["kv_bytes"] -= old[key][0]
-                totals["num_tokens"] -= old[key][1]
-            add_sizes(totals, buf, 1)
 
-        def write(pipe):
+        def write(pipe) -> int:  # reads after WATCH: a concurrent writer (they all write P:info) forces a retry
+            has_meta = self._pipelined(lambda p: [p.exists(self.meta_name(k)) for k in keys])
+            old = self._kv_sizes(keys)
+            todo = [(k, buf) for (k, buf), ok in zip(encoded, has_meta) if ok]
+            totals = {"kv_bytes": 0, "num_tokens": 0}
+            for key, buf in todo:
+                if key in old:
+                    totals["kv_bytes"] -= old[key][0]
+                    totals["num_tokens"] -= old[key][1]
+                add_sizes(totals, buf, 1)
+            pipe.multi()
             for key, buf in todo:
                 pipe.set(self.kv_name(key), buf, ex=KV_EXPIRE_S)
             pipe.hincrby(self._info, "kv_bytes", totals["kv_bytes"])
             pipe.hincrby(self._info, "num_tokens", totals["num_tokens"])
+            return len(todo)
 
-        self.io("rewriting chunks", lambda: self._pipelined(write, transaction=True))
-        self.damage["repaired"] += len(todo)
+        done = self.io("rewriting chunks", lambda: self.client.transaction(write, self._info, value_from_callable=True))
+        self.damage["repaired"] += done
 
     def put_embedding(self, key: bytes, emb: np.ndarray) -> None:
         self._writable()
@@ -451,29 +481,31 @@ class RedisStore:
         keys = list(dict.fromkeys(keys))
         if not keys:
             return 0
-        metas = self.io("reading metadata", lambda: self.client.mget([self.meta_name(k) for k in keys]))
-        ids = self._ids_in(keys, metas)
-        damaged = [k for k, (i, ok) in ids.items() if not ok]
-        by_scan = self._scan_ids(set(damaged)) if damaged else {}
-        sizes = self._kv_sizes(keys)
-        present = self.io("checking chunks", lambda: self._pipelined(
-            lambda p: [p.exists(self.kv_name(k), self.meta_name(k), self._emb_name(k)) for k in keys]))
-        embs = self.io("checking embeddings", lambda: self._pipelined(
-            lambda p: [p.exists(self._emb_name(k)) for k in keys]))
-        found = sum(1 for n in present if n)
 
-        def write(pipe):
+        def delete(pipe) -> int:  # reads after WATCH: a concurrent writer (they all write P:info) forces a retry
+            metas = self._pipelined(lambda p: p.mget([self.meta_name(k) for k in keys]))[0]
+            ids = self._ids_in(keys, metas)
+            # Keys without intact metadata: their id rows are found by a scan of the id table (orphans too).
+            unknown = {k for k in keys if not ids.get(k, (None, False))[1]}
+            by_scan = self._scan_ids(unknown) if unknown else {}
+            sizes = self._kv_sizes(keys)
+            present = self._pipelined(lambda p: [
+                (p.exists(self.kv_name(k), self.meta_name(k), self._emb_name(k)), p.exists(self._emb_name(k)))
+                for k in keys])
+            found = sum(1 for n in present[0::2] if n)
+            pipe.multi()
             for key in keys:
                 pipe.delete(self.kv_name(key), self.meta_name(key), self._emb_name(key))
-                chunk_ids = by_scan.get(key, []) + ([ids[key][0]] if key in ids and ids[key][1] else [])
+                chunk_ids = set(by_scan.get(key, [])) | ({ids[key][0]} if key in ids and ids[key][1] else set())
                 if chunk_ids:
                     pipe.hdel(self._ids, *[str(i) for i in chunk_ids])
             pipe.hincrby(self._info, "retired", found)
-            pipe.hincrby(self._info, "num_emb", -sum(embs))
+            pipe.hincrby(self._info, "num_emb", -sum(present[1::2]))
             pipe.hincrby(self._info, "kv_bytes", -sum(s[0] for s in sizes.values()))
             pipe.hincrby(self._info, "num_tokens", -sum(s[1] for s in sizes.values()))
+            return found
 
-        self.io("deleting chunks", lambda: self._pipelined(write, transaction=True))
+        found = self.io("deleting chunks", lambda: self.client.transaction(delete, self._info, value_from_callable=True))
         with self._lock:
             for key in keys:
                 self._metas.pop(key, None)
@@ -496,7 +528,7 @@ class RedisStore:
         dim = int(dim) if dim is not None else None
         names = self.io("listing chunks", lambda: list(self.client.scan_iter(match=self._meta_prefix + b"*",
                                                                               count=_BATCH)))
-        keys = [n[len(self._meta_prefix):] for n in names]
+        keys = list(dict.fromkeys(n[len(self._meta_prefix):] for n in names))  # SCAN may return a key twice
         for lo in range(0, len(keys), _BATCH):
             batch = keys[lo:lo + _BATCH]
             values = self.io("reading chunks", lambda: self._pipelined(lambda p: [
@@ -507,9 +539,12 @@ class RedisStore:
             for key, meta, kv, emb in zip(batch, values[0], kvs, values[2]):
                 check_record(found, key, meta, kv, emb, dim)
         known = set(keys)
-        for _id, key in self.io("reading ids", lambda: list(self.client.hscan_iter(self._ids, count=_BATCH))):
-            if key not in known:
-                found["orphan_ids"].append(key)
+        unknown = list(dict.fromkeys(key for _id, key in self.io("reading ids", lambda: list(
+            self.client.hscan_iter(self._ids, count=_BATCH))) if key not in known))
+        if unknown:  # written since the metadata scan, or truly orphaned: look again
+            again = self.io("reading metadata", lambda: self._pipelined(
+                lambda p: [p.exists(self.meta_name(k)) for k in unknown]))
+            found["orphan_ids"] = [k for k, n in zip(unknown, again) if not n]
         return found
 
     # ---- per-tenant document writes

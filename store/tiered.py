@@ -30,6 +30,7 @@ class TieredReader:
     def __init__(self, near: KVReader, far: RedisReader):
         self._near, self._far = near, far
         self.fetched: dict[bytes, bytes] = {}  # entries read from Redis, to copy into the near store
+        self.damaged: set[bytes] = set()  # near copies that failed their checksum: replaced by the fetched ones
 
     def prefetch(self, keys: Sequence[bytes], *, kv: bool = True, meta: bool = False) -> None:
         far_kv = [k for k in keys if self._near_kv(k, verify=False) is None] if kv else []
@@ -56,10 +57,13 @@ class TieredReader:
             return {k: v for k, v in meta.items() if k != "id"}  # the near store's id is its own
 
     def _near_kv(self, key: bytes, verify: bool):
+        if key in self.damaged:
+            return None
         try:
             return self._near.kv(key, verify)
         except CorruptEntryError as e:  # the shared copy is read instead, and replaces it
             log.warning("near copy of chunk %s is damaged (%s); reading the shared one", key.hex()[:16], e)
+            self.damaged.add(key)
             return None
 
 
@@ -112,14 +116,21 @@ class TieredStore:
 
     # ---- chunks
 
+    # What is stored is the shared tier's to say: a near copy may outlive its chunk there (retired by another
+    # replica, a write that reached only the near store during an outage, a Redis that lost its data), and
+    # counting it as stored would make an ingest skip a chunk that no replica can retrieve. Only while Redis
+    # is unreachable do near copies stand in for it.
+
     def __contains__(self, key: bytes) -> bool:
-        return key in self.near or key in self.far
+        stored = key in self.far
+        return stored if self.far.available else key in self.near
 
     def __len__(self) -> int:
         return len(self.far)
 
     def missing(self, keys: Sequence[bytes]) -> list[bytes]:
-        return self.far.missing(self.near.missing(keys))
+        missing = self.far.missing(keys)
+        return missing if self.far.available else self.near.missing(keys)
 
     def put_chunks(self, items) -> dict[bytes, int]:
         """Write through: Redis first (its ids are the store's), then the near copy. With Redis unreachable
@@ -141,14 +152,17 @@ class TieredStore:
         with self.near.reader() as near, self.far.reader() as far:
             reader = TieredReader(near, far)
             yield reader
-            fetched = dict(reader.fetched)
+            fetched, damaged = dict(reader.fetched), reader.damaged
+            far.prefetch(list(fetched), kv=False, meta=True)  # one round trip for the copies' metadata
             metas = {}
             for key in fetched:
                 with contextlib.suppress(StoreError, CorruptEntryError):
-                    metas[key] = far.meta(key) or {}
+                    metas[key] = {k: v for k, v in (far.meta(key) or {}).items() if k != "id"}
         # Outside the read transaction: an LMDB write may need to grow the map.
-        self._near_put([(key, buf, {k: v for k, v in metas.get(key, {}).items() if k != "id"})
-                        for key, buf in fetched.items()])
+        self._near_put([(key, buf, metas.get(key, {})) for key, buf in fetched.items() if key not in damaged])
+        if damaged & fetched.keys() and not self.near.readonly:
+            with contextlib.suppress(StoreError, ValueError):
+                self.near.replace_kv([(key, fetched[key]) for key in damaged & fetched.keys()])
 
     def get_meta(self, key: bytes) -> dict | None:
         with self.reader() as reader:
@@ -242,7 +256,7 @@ class TieredStore:
     def _near_put(self, items) -> None:
         """Best effort: a near copy that cannot be written (disk full) is only a later near miss."""
         items = [(key, kv, meta, None) for key, kv, meta in items if kv is not None]
-        if not items:
+        if not items or self.near.readonly:
             return
         try:
             self.near.put_chunks(items)

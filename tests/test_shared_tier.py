@@ -1,6 +1,7 @@
 """Replicas sharing one Redis: hits across replicas, the shared index, eviction by Redis, damaged shared
 entries, outages and tenants. Real redis-server processes; the tiny random model."""
 import logging
+import time
 
 import pytest
 import torch
@@ -92,9 +93,12 @@ def test_redis_eviction_is_a_miss_never_an_error(tmp_path, tiny_lm, hash_embedde
         for p in (reference, pipe):
             p.ingest_texts(docs + MORE_DOCS, progress=False)
         far = pipe.rt.store.kv
-        stored = sum(1 for _ in far.client.scan_iter(match=far.kv_name(b"") + b"*"))
-        assert stored < len(docs + MORE_DOCS) // 2  # Redis evicted KVs ...
-        assert far.num_embeddings() == len(docs + MORE_DOCS)  # ... and nothing else
+        def count(name: bytes) -> int:
+            return sum(1 for _ in far.client.scan_iter(match=name + b"*"))
+
+        assert count(far.kv_name(b"")) < len(docs + MORE_DOCS) // 2  # Redis evicted KVs ...
+        chunks = len(docs + MORE_DOCS)
+        assert count(far.meta_name(b"")) == chunks + 1 and count(far._emb_prefix) == chunks  # ... nothing else
         for question in [QUESTION] + [f"How deep is lake number {i}?" for i in (0, 13, 39)]:
             assert answer_tokens(pipe, question)[0] == answer_tokens(reference, question)[0]
         reference.close()
@@ -124,6 +128,7 @@ def test_redis_down_mid_service_computes_locally_and_recovers(tmp_path, tiny_lm,
         metrics = client.get("/metrics").text
     assert "chunkcache_store_unavailable_requests_total 1.0" in metrics
     server.start()
+    time.sleep(1.1)  # past the store's fail-fast window after a failure
     tokens, stats = answer_tokens(pipe)
     assert tokens == expected and not stats.store_unavailable and stats.chunk_hits == 3
     pipe.close()

@@ -205,7 +205,7 @@ def test_racing_writers_give_a_chunk_one_id(redis_url):
         t.start()
     for t in threads:
         t.join()
-    assert all(r == results[0] for r in results)
+    assert len(results) == 4 and all(r == results[0] for r in results)
     assert sorted(results[0].values()) == list(range(12))
     assert stores[0].watermark() == (12, 0) and stores[0].num_embeddings() == 12
     assert stores[0].client.hlen(stores[0]._ids) == 12
@@ -223,6 +223,44 @@ def test_an_evicted_kv_comes_back_under_its_old_id(redis_url):
     store.close()
 
 
+def test_redacted_urls_hide_every_password():
+    from store.redisstore import redacted
+
+    assert redacted("redis://user:s3cret@h:1/0?prefix=p") == "redis://user:***@h:1/0?prefix=p"
+    assert "s3cret" not in redacted("redis://h:1/0?password=s3cret&prefix=p")
+    assert "s3cret" not in repr(parse_store_spec("lmdb:/d+redis://:s3cret@h:1/0"))
+    with pytest.raises(ValueError) as info:
+        split_redis_url("redis://:s3cret@h:1/0?prefix=a*")
+    assert "s3cret" not in str(info.value)
+
+
+def test_other_redis_refusals_are_store_errors(redis_url):
+    """Out of memory is a full store (507 on the server); any other refusal a StoreError, not a raw redis one."""
+    from store import DiskFullError
+
+    store = RedisStore(redis_url)
+    store.client.config_set("maxmemory", 1)
+    store.client.config_set("maxmemory-policy", "noeviction")
+    try:
+        with pytest.raises(DiskFullError, match="maxmemory"):
+            store.put_chunks([make_item(0)])
+    finally:
+        store.client.config_set("maxmemory", 0)
+        store.client.config_set("maxmemory-policy", "volatile-lru")
+    store.close()
+
+
+def test_scan_and_delete_clear_orphan_ids(redis_url):
+    store = RedisStore(redis_url)
+    store.put_chunks([make_item(i) for i in range(3)])
+    store.client.delete(store.meta_name(make_key(1)))  # an id row left without its chunk
+    assert store.scan()["orphan_ids"] == [make_key(1)]
+    store.delete_chunks([make_key(1)])
+    assert store.scan()["orphan_ids"] == [] and store.key_for_id([1]) == [None]
+    assert store.num_embeddings() == 2
+    store.close()
+
+
 def test_reads_degrade_and_writes_refuse_while_redis_is_down(tmp_path):
     from .conftest import RedisServer
 
@@ -234,6 +272,7 @@ def test_reads_degrade_and_writes_refuse_while_redis_is_down(tmp_path):
         r.meta(make_key(0))
     server.stop()
     assert store.missing([make_key(0)]) == [make_key(0)]  # a miss: the caller computes
+    store._failed_at = 0.0  # past the fail-fast window: the calls below try Redis again
     with store.reader() as r:
         assert r.kv(make_key(0)) is None
         assert r.meta(make_key(0))["source"] == "doc0.txt"  # seen before
@@ -244,7 +283,29 @@ def test_reads_degrade_and_writes_refuse_while_redis_is_down(tmp_path):
         store.put_chunks([make_item(5)])
     assert store.outages >= 3 and not store.available
     server.start()
+    store._failed_at = 0.0
     assert store.missing([make_key(0), make_key(7)]) == [make_key(7)]  # back, with its data
     assert store.available
     store.close()
     server.stop()
+
+
+def test_a_near_copy_does_not_make_a_chunk_stored(tmp_path, redis_url):
+    """Whether a chunk is stored is Redis's to say: a near copy of a chunk retired elsewhere is not."""
+    tiered = open_backend(parse_store_spec(f"lmdb:{tmp_path / 'near'}+{redis_url}"))
+    tiered.put_chunks([make_item(0), make_item(1)])
+    other = RedisStore(redis_url)
+    other.delete_chunks([make_key(0)])  # another replica retires it
+    assert tiered.missing([make_key(0), make_key(1)]) == [make_key(0)] and make_key(0) not in tiered
+    other.close()
+    tiered.close()
+
+
+def test_a_damaged_near_copy_is_replaced_by_the_shared_one(tmp_path, redis_url):
+    tiered = open_backend(parse_store_spec(f"lmdb:{tmp_path / 'near'}+{redis_url}"))
+    tiered.put_chunks([make_item(0)])
+    corrupt_kv(tiered.near, make_key(0))
+    with tiered.reader() as r:
+        assert torch.equal(bits(r.kv(make_key(0))), bits(make_item(0)[1]))  # read from Redis
+    assert tiered.near.scan()["kv"] == []  # and the near copy rewritten
+    tiered.close()
