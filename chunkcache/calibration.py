@@ -1,14 +1,18 @@
 """Per-model constants fitted offline (`python -m bench.calibrate`), shipped as small JSON files.
 
 A calibration holds log(S) for the attention scale on reused chunks (see `blend.chunk_key_bias`):
-[layers, 1 or q_heads]. It is keyed by the model's weights and architecture, not its compute dtype,
-so the same file serves fp32 on CPU and bf16 on a GPU. A model without a file gets no correction
-(S = 1): a scale fitted on one model says nothing about another.
+[layers, 1 or q_heads], fitted for reuse (`bench.calibrate`), and optionally one S for blend
+(`blend_log_scale`, `bench.calibrate_blend`): once blend recomputes the tokens the question reads
+most, the stale rows left are another population, and a smaller uniform S fits them better than
+reuse's table. It is keyed by the model's weights and architecture, not its compute dtype, so the
+same file serves fp32 on CPU and bf16 on a GPU. A model without a file gets no correction (S = 1): a
+scale fitted on one model says nothing about another.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -34,6 +38,31 @@ def write_calibration(lm, log_scale: torch.Tensor, report: dict) -> Path:
     path.write_text(json.dumps(body, indent=1) + "\n")
     load_chunk_log_scale.cache_clear()
     return path
+
+
+def write_blend_scale(lm, scale: float, report: dict) -> Path:
+    """Add blend's uniform S to `lm`'s calibration file (which `write_calibration` made first)."""
+    path = calibration_path(lm.calibration_id)
+    if not path.exists():
+        raise ValueError(f"{lm.spec} has no calibration file yet; fit reuse's first: python -m bench.calibrate")
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"blend scale must be in (0, 1], got {scale}")
+    body = json.loads(path.read_text())
+    body["blend_log_scale"] = round(math.log(scale), 5)
+    body["blend_fit"] = report
+    path.write_text(json.dumps(body, indent=1) + "\n")
+    load_blend_log_scale.cache_clear()
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def load_blend_log_scale(calibration_id: str) -> float | None:
+    """log(S) fitted for blend (one value, every layer), or None when the model's file has none."""
+    path = calibration_path(calibration_id)
+    if not path.exists():
+        return None
+    body = json.loads(path.read_text())
+    return body.get("blend_log_scale") if body.get("calibration_id") == calibration_id else None
 
 
 @functools.lru_cache(maxsize=16)

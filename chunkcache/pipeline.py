@@ -21,7 +21,7 @@ from store import CorruptEntryError, StoreError, StoreUnavailableError
 from .accounting import cached_token_count, kv_bytes_per_token, kv_entry_bytes
 from .answer import Answer, CacheStats, Source, Timings
 from .blend import PromptLayout, blend_selector, chunk_key_bias, initial_positions, prior_positions
-from .calibration import load_chunk_log_scale
+from .calibration import load_blend_log_scale, load_chunk_log_scale
 from .config import MODES, ChunkCacheConfig, check_ratio
 from .distributed import RayOptions
 from .engine import Engine, EngineLimits, Ticket, default_kv_bytes
@@ -464,7 +464,7 @@ class RAGPipeline:
         staged.timings.load_s = time.perf_counter() - t
         staged.read = (prefix_read, hits)
         staged.sources = [Source(c.text, c.source, c.score, c.key.hex(), hit) for c, hit in zip(staged.chunks, hits)]
-        log_scale = self._chunk_log_scale(req.chunk_scale) if req.mode != "full" else None
+        log_scale = self._chunk_log_scale(req.chunk_scale, req.mode) if req.mode != "full" else None
         if log_scale is not None:
             cache.key_bias = chunk_key_bias(layout, log_scale, cache.capacity)
             cache.bias_from = layout.suffix_start if req.scale_queries == "question" else 0
@@ -687,12 +687,17 @@ class RAGPipeline:
             log.warning("could not rewrite %d recomputed KV entries (%s); this request uses them from memory",
                         len(fresh), exc)
 
-    def _chunk_log_scale(self, chunk_scale) -> torch.Tensor | None:
-        """log(S) [layers, 1 or q_heads] on device for this request's chunk_scale, or None for none."""
+    def _chunk_log_scale(self, chunk_scale, mode: str) -> torch.Tensor | None:
+        """log(S) [layers, 1 or q_heads] on device for this request's chunk_scale, or None for none.
+        "calibrated": blend's own uniform S where the model's calibration has one, else the per-layer
+        table fitted for reuse (chunkcache/calibration.py)."""
         lm = self.rt.lm
         if chunk_scale == "off" or chunk_scale == 1:
             return None
         if chunk_scale == "calibrated":
+            blend_value = load_blend_log_scale(lm.calibration_id) if mode == "blend" else None
+            if blend_value is not None:
+                return torch.full((lm.num_layers, 1), blend_value, device=lm.device)
             table = load_chunk_log_scale(lm.calibration_id, lm.num_layers, lm.num_q_heads)
             return None if table is None else table.to(lm.device)
         return torch.full((lm.num_layers, 1), math.log(chunk_scale), device=lm.device)

@@ -205,7 +205,7 @@ def test_bad_chunk_scale_is_refused(tiny_pipe, docs):
 def _score_with_log_scale(pipe, docs, mode, ratio, log_scale):
     """Teacher-forced scores through a given log(S) table (what a calibration file provides)."""
     original = pipe._chunk_log_scale
-    pipe._chunk_log_scale = lambda _scale: log_scale
+    pipe._chunk_log_scale = lambda _scale, _mode: log_scale
     try:
         kwargs = {"recompute_ratio": ratio} if ratio is not None else {}
         return pipe.score(QUESTION, FORCED, documents=docs, mode=mode, chunk_scale=0.5, **kwargs)

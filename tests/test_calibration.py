@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ FORCED = [1000, 2000, 3000]
 def calibration_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(calibration, "CALIBRATION_DIR", tmp_path)
     calibration.load_chunk_log_scale.cache_clear()
+    calibration.load_blend_log_scale.cache_clear()
     yield tmp_path
     calibration.load_chunk_log_scale.cache_clear()
+    calibration.load_blend_log_scale.cache_clear()
 
 
 def test_round_trip_and_pipeline_uses_it(calibration_dir, tiny_pipe, docs):
@@ -53,3 +56,25 @@ def test_wrong_shape_is_refused(calibration_dir, tiny_lm):
     calibration.load_chunk_log_scale.cache_clear()
     with pytest.raises(ValueError, match="does not fit"):
         calibration.load_chunk_log_scale(tiny_lm.calibration_id, tiny_lm.num_layers, tiny_lm.num_q_heads)
+
+
+def test_blend_has_its_own_scale_and_reuse_keeps_the_table(calibration_dir, tiny_pipe, docs):
+    """A blend scale in the file: blend ("calibrated") runs exactly as with chunk_scale=S, reuse and epic
+    still use the per-layer table."""
+    lm = tiny_pipe.rt.lm
+    with pytest.raises(ValueError, match="calibration file"):
+        calibration.write_blend_scale(lm, 0.35, {})
+    table = torch.linspace(-1.0, -0.2, lm.num_layers).view(lm.num_layers, 1)
+    calibration.write_calibration(lm, table, {})
+    reuse_table, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="reuse", chunk_scale="calibrated")
+    path = calibration.write_blend_scale(lm, 0.35, {"chosen": 0.35})
+    assert json.loads(path.read_text())["blend_fit"] == {"chosen": 0.35}
+    with pytest.raises(ValueError, match="blend scale"):
+        calibration.write_blend_scale(lm, 1.5, {})
+    kwargs = dict(documents=docs, mode="blend", recompute_ratio=0.3)
+    blend, _ = tiny_pipe.score(QUESTION, FORCED, chunk_scale="calibrated", **kwargs)
+    stored = math.exp(json.loads(path.read_text())["blend_log_scale"])  # 0.35 to the file's 5 decimals of log
+    uniform, _ = tiny_pipe.score(QUESTION, FORCED, chunk_scale=stored, **kwargs)
+    torch.testing.assert_close(blend, uniform, atol=1e-6, rtol=0)
+    reuse, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="reuse", chunk_scale="calibrated")
+    torch.testing.assert_close(reuse, reuse_table)

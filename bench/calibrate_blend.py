@@ -1,0 +1,102 @@
+"""Fit blend's own attention scale on reused chunks: one S, chosen on a grid by the mean teacher-forced
+KL to full prefill of the default blend (probe selection at `--ratio`) on dev questions.
+
+    python -m bench.calibrate_blend                      # fit on dev 0-24, report on 25-49, write it
+    python -m bench.calibrate_blend --grid 0.3,0.4 --no-write
+
+`bench.calibrate` fits a per-layer table for reuse, where every chunk row after the first is stale.
+Blend recomputes the rows the question reads most, and the stale rows left are another population:
+on SmolLM2-135M a smaller uniform S suits them better than reuse's table. Each grid point runs the real
+pipeline (`RAGPipeline.evaluate`) along full's cached greedy answer (`bench.reference`), so what is
+fitted is exactly what serves. Fitting uses `--fit` questions only; `--eval` questions report the
+chosen S against reuse's table and are never fitted. The value is added to the model's calibration
+file (chunkcache/calibrations/<model>.json, which `bench.calibrate` writes first).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import chunkcache.pipeline as pipeline
+from bench import metrics
+from bench.calibrate import parse_range
+from bench.data import DEFAULT_DATA, load_questions
+from bench.reference import open_bench_pipeline
+from bench.run import cached_full, parse_mode
+
+
+def mean_fidelity(pipe, questions, spec, max_new_tokens: int) -> dict:
+    """Mean KL and top-1 of `spec` over `questions`, against full's cached reference."""
+    kls, top1s = [], []
+    for q in questions:
+        _, _, forced, reference = cached_full(pipe, q, max_new_tokens)
+        logprobs, _ = pipe.evaluate(q.question, forced, documents=list(q.documents), max_new_tokens=max_new_tokens,
+                                    free_running=False, **spec.kwargs())
+        fid = metrics.fidelity(reference, logprobs)
+        kls.append(fid["kl_mean"])
+        top1s.append(fid["top1"])
+    return {"kl_mean": sum(kls) / len(kls), "top1": sum(top1s) / len(top1s), "questions": len(kls)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.calibrate_blend", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--fit", default="0-24", help="question numbers to fit on (default %(default)s)")
+    p.add_argument("--eval", default="25-49", help="question numbers to report on (default %(default)s)")
+    p.add_argument("--grid", default="0.25,0.35,0.5,0.7", help="values of S to try (default %(default)s)")
+    p.add_argument("--ratio", type=float, default=0.15, help="blend's recompute ratio (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--model", default="default")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-write", action="store_true", help="report only; do not write the calibration file")
+    a = p.parse_args(argv)
+    fit_ids, eval_ids = parse_range(a.fit), parse_range(a.eval)
+    if set(fit_ids) & set(eval_ids):
+        print("error: --fit and --eval overlap; report on questions the fit never saw", file=sys.stderr)
+        return 2
+    grid = [float(x) for x in a.grid.split(",")]
+    questions = load_questions(a.data, max(max(fit_ids), max(eval_ids)) + 1)
+    pipe = open_bench_pipeline(a.model, a.threads, questions=[questions[i] for i in fit_ids], data=a.data)
+    # A blend scale fitted before must not stand in for reuse's table, the baseline each S is compared with.
+    pipeline.load_blend_log_scale = lambda calibration_id: None
+    started = time.perf_counter()
+    try:
+        base = parse_mode(f"blend-{a.ratio}-probe")  # chunk_scale "calibrated": reuse's table, as blend had it
+        fit_questions = [questions[i] for i in fit_ids]
+        scores = {"table": mean_fidelity(pipe, fit_questions, base, a.max_new_tokens)}
+        for value in grid:
+            scores[value] = mean_fidelity(pipe, fit_questions, replace(base, chunk_scale=value), a.max_new_tokens)
+            print(f"S {value:g}: fit KL {scores[value]['kl_mean']:.4f} top-1 {scores[value]['top1']:.3f}", flush=True)
+        best = min(grid, key=lambda v: scores[v]["kl_mean"])
+        held = [questions[i] for i in eval_ids]
+        report = {"selection": "probe", "ratio": a.ratio, "fit_questions": a.fit, "eval_questions": a.eval,
+                  "grid": {str(k): v for k, v in scores.items()}, "chosen": best,
+                  "eval": {"table": mean_fidelity(pipe, held, base, a.max_new_tokens),
+                           str(best): mean_fidelity(pipe, held, replace(base, chunk_scale=best), a.max_new_tokens)},
+                  "seconds": time.perf_counter() - started, "created": dt.date.today().isoformat()}
+    finally:
+        pipe.close()
+    table, chosen = report["grid"]["table"], report["grid"][str(best)]
+    print(f"fit: reuse's table KL {table['kl_mean']:.4f} top-1 {table['top1']:.3f}; S {best:g} KL "
+          f"{chosen['kl_mean']:.4f} top-1 {chosen['top1']:.3f}")
+    held_table, held_best = report["eval"]["table"], report["eval"][str(best)]
+    print(f"held out: reuse's table KL {held_table['kl_mean']:.4f} top-1 {held_table['top1']:.3f}; S {best:g} KL "
+          f"{held_best['kl_mean']:.4f} top-1 {held_best['top1']:.3f}")
+    if not a.no_write:
+        if table["kl_mean"] <= chosen["kl_mean"]:
+            print("reuse's table is at least as good on the fit questions: nothing written")
+        else:
+            from chunkcache.calibration import write_blend_scale
+            print(f"wrote {write_blend_scale(pipe.rt.lm, best, report)}")
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
