@@ -195,27 +195,37 @@ def parse_range(text: str) -> range:
     return range(int(a), int(b or a) + 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.calibrate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def split_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every fit shares: the data, the fit and report halves, the model, no-write."""
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--fit", default="0-24", help="question numbers to fit on (default %(default)s)")
     p.add_argument("--eval", default="25-49", help="question numbers to report on (default %(default)s)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-write", action="store_true", help="report only; do not write the calibration file")
+
+
+def split_of(a: argparse.Namespace) -> tuple[range, range, list]:
+    """(fit ids, report ids, the questions up to the last of them); exits 2 when the halves overlap."""
+    fit_ids, eval_ids = parse_range(a.fit), parse_range(a.eval)
+    if set(fit_ids) & set(eval_ids):
+        print("error: --fit and --eval overlap; report on questions the fit never saw", file=sys.stderr)
+        raise SystemExit(2)
+    return fit_ids, eval_ids, load_questions(a.data, max(max(fit_ids), max(eval_ids)) + 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    split_args(p)
     p.add_argument("--granularity", choices=GRANULARITIES, default="head")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch", type=int, default=10, help="questions per step, taken in turn (0: all)")
     p.add_argument("--temperature", action="store_true",
                    help="also fit a temperature T on the stale rows (exploration: reported, never written)")
-    p.add_argument("--model", default="default")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-write", action="store_true", help="report only; do not write the calibration file")
     a = p.parse_args(argv)
-    fit_ids, eval_ids = parse_range(a.fit), parse_range(a.eval)
-    if set(fit_ids) & set(eval_ids):
-        print("error: --fit and --eval overlap; report on questions the fit never saw", file=sys.stderr)
-        return 2
-    questions = load_questions(a.data, max(max(fit_ids), max(eval_ids)) + 1)
+    fit_ids, eval_ids, questions = split_of(a)
     # Only the fit questions' chunks are stored up front; a held-out question's misses are computed
     # (and stored) when it is reported.
     pipe = open_bench_pipeline(a.model, a.threads, questions=[questions[i] for i in fit_ids], data=a.data)

@@ -20,12 +20,10 @@ import json
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import chunkcache.pipeline as pipeline
 from bench import metrics
-from bench.calibrate import parse_range
-from bench.data import DEFAULT_DATA, load_questions
+from bench.calibrate import split_args, split_of
 from bench.reference import open_bench_pipeline
 from bench.run import cached_full, parse_mode
 
@@ -46,22 +44,13 @@ def mean_fidelity(pipe, questions, spec, max_new_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.calibrate_blend", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--fit", default="0-24", help="question numbers to fit on (default %(default)s)")
-    p.add_argument("--eval", default="25-49", help="question numbers to report on (default %(default)s)")
+    split_args(p)
     p.add_argument("--grid", default="0.25,0.35,0.5,0.7", help="values of S to try (default %(default)s)")
     p.add_argument("--ratio", type=float, default=0.15, help="blend's recompute ratio (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--model", default="default")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-write", action="store_true", help="report only; do not write the calibration file")
     a = p.parse_args(argv)
-    fit_ids, eval_ids = parse_range(a.fit), parse_range(a.eval)
-    if set(fit_ids) & set(eval_ids):
-        print("error: --fit and --eval overlap; report on questions the fit never saw", file=sys.stderr)
-        return 2
+    fit_ids, eval_ids, questions = split_of(a)
     grid = [float(x) for x in a.grid.split(",")]
-    questions = load_questions(a.data, max(max(fit_ids), max(eval_ids)) + 1)
     pipe = open_bench_pipeline(a.model, a.threads, questions=[questions[i] for i in fit_ids], data=a.data)
     # A blend scale fitted before must not stand in for reuse's table, the baseline each S is compared with.
     pipeline.load_blend_log_scale = lambda calibration_id: None
