@@ -178,7 +178,14 @@ class RedisStore:
         self._failed_at = 0.0
         self._manifest: dict | None = None
         try:
-            self.io("connecting", self.client.ping)
+            try:  # not through `io`: an unreachable Redis at open is an error to report, not an outage to log
+                self.client.ping()
+            except (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError) as e:
+                raise StoreError(f"the Redis store {self.path} refused the connection: {e}; check the password "
+                                 "in the URL (redis://:PASSWORD@host:port/db)") from e
+            except self._errors as e:
+                raise StoreUnavailableError(f"the Redis store {self.path} is unreachable while connecting ({e}); "
+                                            "check that Redis is running and the URL is right") from e
             if readonly and self.manifest is None:
                 raise StoreError(f"no store at {self.path}: run `chunkcache ingest PATH --store {self.path}` first")
         except BaseException:

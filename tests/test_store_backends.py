@@ -309,3 +309,18 @@ def test_a_damaged_near_copy_is_replaced_by_the_shared_one(tmp_path, redis_url):
         assert torch.equal(bits(r.kv(make_key(0))), bits(make_item(0)[1]))  # read from Redis
     assert tiered.near.scan()["kv"] == []  # and the near copy rewritten
     tiered.close()
+
+
+def test_a_wrong_password_says_so(tmp_path):
+    from .conftest import RedisServer
+
+    server = RedisServer(tmp_path / "r")
+    try:
+        server.client().config_set("requirepass", "right")
+        wrong = server.url.replace("redis://", "redis://:wrong@")
+        with pytest.raises(StoreError, match="check the password") as info:
+            RedisStore(wrong)
+        assert "wrong" not in str(info.value)
+        RedisStore(server.url.replace("redis://", "redis://:right@")).close()
+    finally:
+        server.stop()
