@@ -145,21 +145,26 @@ def _ingest_row(report, wall_s: float, workers: int) -> dict:
 
 
 def markdown(part: str, result: dict) -> str:
-    c, s = result["config"], result["summary"]
-    if part == "ttft":
-        lines = [f"# Blend 0.15 TTFT: chunks in Redis (localhost) against LMDB, {c['questions']} MuSiQue dev "
-                 f"questions, {c['threads']} threads, {c['model']}",
-                 "", "| store | TTFT p50 | TTFT mean | load p50 | load share of TTFT | misses |",
-                 "|---|--:|--:|--:|--:|--:|"]
-        for name in ("lmdb", "redis"):
-            r = s[name]
-            lines.append(f"| {name} | {r['ttft_p50_s']:.3f} s | {r['ttft_mean_s']:.3f} s | {r['load_p50_s']:.3f} s | "
-                         f"{r['load_share']:.1%} | {r['misses']} |")
-        lines += ["", f"Redis / LMDB: p50 {s['redis_over_lmdb_p50']:.3f}x, mean {s['redis_over_lmdb_mean']:.3f}x; "
-                  f"same first token on {s['same_first_token']}/{c['questions']} questions. "
-                  f"Copy into Redis: {c['copied']['chunks']} chunks in {c['copy_s']:.1f} s; Redis used "
-                  f"{c['redis_used_memory'] / 2**20:.0f} MiB."]
-        return "\n".join(lines)
+    return (ttft_markdown if part == "ttft" else ingest_markdown)(result["config"], result["summary"])
+
+
+def ttft_markdown(c: dict, s: dict) -> str:
+    lines = [f"# Blend 0.15 TTFT: chunks in Redis (localhost) against LMDB, {c['questions']} MuSiQue dev "
+             f"questions, {c['threads']} threads, {c['model']}",
+             "", "| store | TTFT p50 | TTFT mean | load p50 | load share of TTFT | misses |",
+             "|---|--:|--:|--:|--:|--:|"]
+    for name in ("lmdb", "redis"):
+        r = s[name]
+        lines.append(f"| {name} | {r['ttft_p50_s']:.3f} s | {r['ttft_mean_s']:.3f} s | {r['load_p50_s']:.3f} s | "
+                     f"{r['load_share']:.1%} | {r['misses']} |")
+    lines += ["", f"Redis / LMDB: p50 {s['redis_over_lmdb_p50']:.3f}x, mean {s['redis_over_lmdb_mean']:.3f}x; "
+              f"same first token on {s['same_first_token']}/{c['questions']} questions. "
+              f"Copy into Redis: {c['copied']['chunks']} chunks in {c['copy_s']:.1f} s; Redis used "
+              f"{c['redis_used_memory'] / 2**20:.0f} MiB."]
+    return "\n".join(lines)
+
+
+def ingest_markdown(c: dict, s: dict) -> str:
     lines = [f"# Ingest into Redis: one process against Ray ({c['workers']} workers), {c['passages']} passages, "
              f"{c['threads']} threads in all, {c['model']}", "",
              "| ingest | chunks | tokens | wall | tokens/s (wall) | compute per worker | start-up and overhead |",

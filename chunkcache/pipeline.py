@@ -589,30 +589,13 @@ class RAGPipeline:
             kv, prefix_read = rt.request_prefix_kv(template, req.namespace)
             cache.k[:, :, :layout.prefix_len].copy_(kv[0])
             cache.v[:, :, :layout.prefix_len].copy_(kv[1])
-        missing = set(rt.store.kv.missing([c.key for c in chunks]))
-        unstored: set[bytes] = set()  # computed below for this request only
         prefix_key = rt.prefix_key()
-        entries = []
-        try:
-            if not getattr(rt.store.kv, "available", True):
-                # The shared store is unreachable (it logs that once): compute the misses below, once, into
-                # this request, rather than compute them to store and then again when the write fails.
-                raise StoreUnavailableError("the shared store is unreachable")
-            unstored = self._unstored(req, chunks, missing)
-            if missing - unstored:
-                store_chunks(rt, [PendingChunk(c.key, c.token_ids, c.text, {
-                    "source": c.source, "text": c.text, "token_ids": c.token_ids, "num_tokens": len(c.token_ids),
-                    "namespace": req.namespace}) for c in chunks if c.key in missing and c.key not in unstored],
-                    embed=False)
-            if template is rt.template:
-                if prefix_key not in rt.store.kv:
-                    prefix_read = False
-                    ensure_prefix(rt)
-        except StoreUnavailableError as exc:
-            # The shared store went away: what could not be stored is computed into this request below.
-            log.debug("%s; computing this request's misses locally", exc)
-        if template is rt.template:
-            entries.append((prefix_key, None))
+        own_prefix = template is rt.template
+        # One existence check for the chunks and the store's prefix: one round trip to a shared store.
+        missing = set(rt.store.kv.missing([c.key for c in chunks] + ([prefix_key] if own_prefix else [])))
+        prefix_read = prefix_read and prefix_key not in missing
+        unstored = self._store_misses(req, chunks, missing, prefix_key)
+        entries = [(prefix_key, None)] if own_prefix else []
         placed = list(zip(chunks, layout.chunk_starts))
         failed: set[bytes] = set()  # damaged, or evicted by another writer since the misses were stored
         damaged: set[bytes] = set()
@@ -644,6 +627,28 @@ class RAGPipeline:
         rt.store.kv.touch([c.key for c in chunks if c.from_request and c.key not in misses])
         cache.length = layout.suffix_start
         return prefix_read and prefix_key not in failed, [c.key not in misses for c in chunks]
+
+    def _store_misses(self, req: Request, chunks: list[ChunkRef], missing: set[bytes], prefix_key: bytes) -> set[bytes]:
+        """Compute and store the missed chunks (and the store's prompt prefix) so that the reads that follow
+        find them; returns the request documents to compute for this request only (`_unstored`). While a
+        shared store is unreachable nothing is stored: the reads miss and the request computes them once,
+        rather than compute them to store and again when the write fails (the store logs the outage)."""
+        rt = self.rt
+        unstored: set[bytes] = set()
+        if not getattr(rt.store.kv, "available", True):
+            return unstored
+        try:
+            unstored = self._unstored(req, chunks, missing)
+            todo = [c for c in chunks if c.key in missing and c.key not in unstored]
+            if todo:
+                store_chunks(rt, [PendingChunk(c.key, c.token_ids, c.text, {
+                    "source": c.source, "text": c.text, "token_ids": c.token_ids, "num_tokens": len(c.token_ids),
+                    "namespace": req.namespace}) for c in todo], embed=False)
+            if prefix_key in missing:
+                ensure_prefix(rt)
+        except StoreUnavailableError as exc:  # it went away meanwhile: the reads below miss instead
+            log.debug("%s; computing this request's misses locally", exc)
+        return unstored
 
     def _place(self, entry: torch.Tensor, start: int, layout: PromptLayout, cache: KVCache) -> None:
         """Copy one chunk's stored KV [2, layers, kv_heads, n, head_dim] into the cache at `start`, keys

@@ -75,7 +75,7 @@ def open_backend(spec: StoreSpec, *, readonly: bool = False) -> "StoreBackend":
     from .redisstore import RedisStore
 
     far = RedisStore(spec.remote, readonly=readonly)
-    if spec.local is None or (readonly and not store_exists(StoreSpec(str(spec.local), spec.local, None))):
+    if spec.local is None or (readonly and not _lmdb_exists(spec.local)):
         return far  # a read-only tool on a replica whose near cache does not exist yet reads the shared tier
     from .tiered import TieredStore
 
@@ -94,11 +94,15 @@ def store_exists(spec: StoreSpec) -> bool:
         StoreUnavailableError: the Redis named cannot be reached.
     """
     if spec.remote is None:
-        return (spec.local / "kv.lmdb" / "data.mdb").is_file()
+        return _lmdb_exists(spec.local)
     from .redisstore import RedisStore
 
     with RedisStore(spec.remote) as far:
         return far.manifest is not None
+
+
+def _lmdb_exists(directory: Path) -> bool:
+    return (directory / "kv.lmdb" / "data.mdb").is_file()
 
 
 class StoreReader(Protocol):

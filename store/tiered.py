@@ -33,7 +33,7 @@ class TieredReader:
         self.damaged: set[bytes] = set()  # near copies that failed their checksum: replaced by the fetched ones
 
     def prefetch(self, keys: Sequence[bytes], *, kv: bool = True, meta: bool = False) -> None:
-        far_kv = [k for k in keys if self._near_kv(k, verify=False) is None] if kv else []
+        far_kv = [k for k in keys if self._near.raw_kv(k) is None] if kv else []  # presence only: no decoding
         self._far.prefetch(far_kv, kv=True)
         if meta:
             self._far.prefetch(keys, kv=False, meta=True)

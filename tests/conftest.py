@@ -109,7 +109,6 @@ def docs():
 
 
 from store.redislocal import LocalRedis as RedisServer  # noqa: E402  (a real redis-server)
-from store.redislocal import free_port as _free_port  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import _free_port
+from store.redislocal import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def wait_ready(process: subprocess.Popen, url: str, seconds: float = 120) -> Non
 
 def test_two_servers_share_one_redis(redis_server, tiny_model_dir):
     store = redis_server.url + "?prefix=two-servers"
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     servers = [start_server(store, tiny_model_dir, port) for port in ports]
     try:
         urls = [f"http://127.0.0.1:{port}" for port in ports]
