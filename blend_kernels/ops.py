@@ -164,7 +164,7 @@ def scatter_rows(dst: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> 
     device = require_same_device(dst=dst, rows=rows, index=index)
     require_in_range("index", index, 0, dst.shape[1], unique=True)
     index = index.to(torch.int64).contiguous()
-    if backend.resolve(device) == "triton":
+    if backend.resolve(device, "scatter_rows") == "triton":
         _launcher("scatter.kernel", "scatter_rows_triton")(dst, rows, index)
     else:
         scatter_rows_torch(dst, rows, index)

@@ -94,7 +94,7 @@ def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: torch.Tensor, pos
     each key position, summed over layers, heads and queries (fp32 [kv_len]; for a few queries).
     token_ids, positions: int64 [n], positions strictly increasing.
     """
-    rows = RowPass([Segment(cache, positions.to(lm.device))], probe_layer=narrow_at if selector else None,
+    rows = RowPass([Segment(cache, positions, lm.device)], probe_layer=narrow_at if selector else None,
                    attention_mass=attention_mass)
     h, info = _run_layers(lm, rows, token_ids, selector)
     if attention_mass:
@@ -113,7 +113,7 @@ def forward_batch(lm: LoadedModel, requests: list[tuple[KVCache, torch.Tensor, t
     -> (fp32 [len(requests), vocab]: each request's last-token logits, and with `attention_mass` each
     request's attention mass as `forward_tokens` gives it, else None).
     """
-    segments = [Segment(cache, positions.to(lm.device)) for cache, _, positions in requests]
+    segments = [Segment(cache, positions, lm.device) for cache, _, positions in requests]
     rows = RowPass(segments, probe_layer=None, attention_mass=attention_mass)
     h, _ = _run_layers(lm, rows, torch.cat([ids for _, ids, _ in requests]), None)
     return lm.parts.logits(h[0, [s.rows.stop - 1 for s in rows.segments]]), rows.mass
@@ -145,15 +145,20 @@ def _run_layers(lm: LoadedModel, rows: RowPass, token_ids: torch.Tensor,
 class Segment:
     """One request's tokens in a flattened batch: they write and attend only its cache."""
 
-    def __init__(self, cache: KVCache, positions: torch.Tensor, start: int = 0):
+    def __init__(self, cache: KVCache, positions: torch.Tensor, device: torch.device):
         self.cache = cache
-        self.set_positions(positions, start)
+        self.set_positions(positions, 0, device)
 
-    def set_positions(self, positions: torch.Tensor, start: int) -> None:
-        self.positions = positions  # int64 [n], strictly increasing
+    def set_positions(self, positions: torch.Tensor, start: int, device: torch.device) -> None:
+        """positions: int64 [n], strictly increasing, on any device (host reads are free on the CPU)."""
         self.rows = slice(start, start + len(positions))  # where its tokens sit in the batch
-        self.kv_len = int(positions[-1].item()) + 1  # one host read; positions are sorted
+        self.kv_len = int(positions[-1].item()) + 1
         self.contiguous_from_zero = positions[0].item() == 0 and self.kv_len == len(positions)
+        with torch.inference_mode(False):
+            # A normal tensor (not an inference one) keeps a version counter, so blend_kernels proves
+            # its range once per pass; without one it is checked again in every layer, a device sync
+            # each on CUDA (60 per decode step measured on an H200: bench/results/gpu/).
+            self.positions = positions.to(device, copy=True)
 
 
 class RowPass(Cache):
@@ -170,7 +175,7 @@ class RowPass(Cache):
         super().__init__(layers=[])
         start = 0
         for segment in segments:
-            segment.set_positions(segment.positions, start)
+            segment.rows = slice(start, start + len(segment.positions))
             start = segment.rows.stop
         if probe_layer is not None and len(segments) != 1:
             raise ValueError("selective recompute narrows one request at a time")
@@ -218,7 +223,8 @@ class RowPass(Cache):
 
     def narrow(self, keep: torch.Tensor) -> None:
         """After the probe layer only the `keep` tokens (local indices, sorted) of the lone segment go on."""
-        self.segments[0].set_positions(self.segments[0].positions[keep], 0)
+        segment = self.segments[0]
+        segment.set_positions(segment.positions[keep], 0, segment.positions.device)
 
     # What transformers may ask a Cache outside update(); the request caches answer.
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -2,10 +2,6 @@
 deterministic bag-of-words embedder, so pipeline tests run in seconds without any download."""
 from __future__ import annotations
 
-import hashlib
-import re
-
-import numpy as np
 import pytest
 import torch
 
@@ -49,25 +45,11 @@ def tiny_lm(tokenizer):
     return make_tiny_lm(tokenizer)
 
 
-class HashEmbedder:
-    """Bag-of-words hashing embedder: deterministic, instant, and good enough to retrieve by word overlap."""
-
-    name = "hash-bow-64"
-    fingerprint = "hash-bow-64-v1"
-    dim = 64
-
-    def encode(self, texts):
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in re.findall(r"\w+", text.lower()):
-                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-9)
-
-
 @pytest.fixture(scope="session")
 def hash_embedder():
-    return HashEmbedder()
+    from retriever.hashing import HashingEmbedder
+
+    return HashingEmbedder()
 
 
 def open_tiny_pipe(directory, lm, embedder, **overrides):

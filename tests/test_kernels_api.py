@@ -24,8 +24,9 @@ def test_env_var_and_overrides(monkeypatch):
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     assert bk.get_backend() == "auto"
     assert backend.resolve(cpu) == "torch" and backend.resolve(cuda) == "triton"
+    assert backend.resolve(cuda, "scatter_rows") == "torch"  # measured faster on a GPU (backend.TORCH_ON_CUDA)
     monkeypatch.setenv(backend.ENV_VAR, "triton")
-    assert backend.resolve(cpu) == "triton"
+    assert backend.resolve(cpu) == "triton" and backend.resolve(cuda, "scatter_rows") == "triton"
     with bk.use_backend("torch"):
         assert backend.resolve(cuda) == "torch"
         with bk.use_backend("auto"):

@@ -128,14 +128,14 @@ WRITER = textwrap.dedent("""
     import numpy as np
     import torch
     from store import KVStore
-    from tests.conftest import HashEmbedder
+    from retriever.hashing import HashingEmbedder
     store_dir, text, delete_hex = sys.argv[1], sys.argv[2], sys.argv[3]
     with KVStore(store_dir) as kv:
         if delete_hex:
             kv.delete_chunks([bytes.fromhex(delete_hex)])
         else:
             key = bytes(range(32))
-            emb = HashEmbedder().encode([text])[0]
+            emb = HashingEmbedder().encode([text])[0]
             kv.put_chunks([(key, torch.zeros(2, 4, 2, 3, 16), {"source": "other.txt", "text": text,
                             "token_ids": [1, 2, 3], "num_tokens": 3}, emb)])
 """)
