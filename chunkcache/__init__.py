@@ -1,4 +1,5 @@
 """chunkcache: precomputed chunk KV caches for RAG, reused at any position with selective recompute."""
+from . import openmp  # noqa: F401  (first: its settings must reach libgomp before torch loads it)
 from importlib.metadata import PackageNotFoundError, version as _version
 
 try:

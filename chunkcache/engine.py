@@ -37,6 +37,7 @@ from .answer import Answer
 from .errors import EngineBusy, EngineClosed, QueryError, RequestCancelled
 from .forward import forward_batch, forward_tokens
 from .generation import Generation
+from .openmp import untuned_warning
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class Engine:
         self._steps = self._peak_batch = 0
         self._cv = threading.Condition()
         self._closed = False
+        if pipeline.rt.lm.device.type == "cpu" and torch.get_num_threads() > 1 and untuned_warning():
+            log.warning(untuned_warning())
         self._thread = threading.Thread(target=self._loop, name="chunkcache-engine", daemon=True)
         self._thread.start()
 

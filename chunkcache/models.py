@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import cache_home
-from .cpu_linear import pack_linears
+from .cpu_linear import LINEAR_DTYPES, pack_linears
 from .layers import DecoderParts, UnsupportedModelError, check_architecture as check_layout, decoder_parts
 from .rope import LayerRope, UnsupportedRopeError, check_rope_supported, layer_ropes, rope_self_test
 
@@ -47,6 +47,7 @@ class LoadedModel:
     parts: DecoderParts  # the layers and what runs around them
     ropes: list[LayerRope]  # per layer: how its cached keys move to a new position
     calibration_id: str = ""  # hash of architecture and weight identity (no dtype): keys fitted constants
+    linear_dtype: str = "float32"  # the CPU linears' packed weights (chunkcache/cpu_linear.py)
 
     @property
     def config(self):
@@ -106,7 +107,8 @@ def resolve_dtype(compute_dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown compute_dtype {compute_dtype!r}; use auto, float32, float16 or bfloat16") from None
 
 
-def load_model(spec: str = "default", *, device: str = "auto", compute_dtype: str = "auto") -> LoadedModel:
+def load_model(spec: str = "default", *, device: str = "auto", compute_dtype: str = "auto",
+               linear_dtype: str = "float32") -> LoadedModel:
     """Load `spec` ("default", a Hugging Face id or a local directory) for the blend path.
 
     Refuses architectures whose layers or RoPE the blend path cannot drive exactly.
@@ -127,18 +129,29 @@ def load_model(spec: str = "default", *, device: str = "auto", compute_dtype: st
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return prepare_model(hf_model, tokenizer, spec=spec, device=dev,
-                         weights_id=weights_identity(Path(path)) if Path(path).is_dir() else None)
+                         weights_id=weights_identity(Path(path)) if Path(path).is_dir() else None,
+                         linear_dtype=linear_dtype)
 
 
 def prepare_model(hf_model, tokenizer, *, spec: str, device: torch.device,
-                  weights_id: str | None = None) -> LoadedModel:
-    """Checks, fingerprints and wraps an already-built HF model (also used for random-init test models)."""
+                  weights_id: str | None = None, linear_dtype: str = "float32") -> LoadedModel:
+    """Checks, fingerprints and wraps an already-built HF model (also used for random-init test models).
+    linear_dtype: the packed weights of an fp32 model's linears on CPU (chunkcache/cpu_linear.py); on a
+    GPU, or for a model computed in 16 bits, it does not apply."""
+    if linear_dtype not in LINEAR_DTYPES:
+        raise ValueError(f"unknown linear_dtype {linear_dtype!r}; use {' or '.join(LINEAR_DTYPES)}")
     check_architecture(hf_model.config)
     hf_model.eval().requires_grad_(False)
     hf_model.to(device)
     dtype = next(hf_model.parameters()).dtype
+    linears = ""
     if device.type == "cpu" and dtype == torch.float32:
-        pack_linears(hf_model)  # the same products, 2-3x faster on CPU (chunkcache/cpu_linear.py)
+        # The same products 2-3x faster on CPU; bfloat16 weights halve what a decode step reads.
+        if pack_linears(hf_model, LINEAR_DTYPES[linear_dtype]) and linear_dtype != "float32":
+            linears = linear_dtype
+    elif linear_dtype != "float32":
+        log.info("linear_dtype=%s applies to float32 models on CPU; this one computes in %s on %s",
+                 linear_dtype, str(dtype).removeprefix("torch."), device)
     parts = decoder_parts(hf_model)
     ropes = layer_ropes(parts, device)
     try:
@@ -146,10 +159,10 @@ def prepare_model(hf_model, tokenizer, *, spec: str, device: torch.device,
     except UnsupportedRopeError as exc:
         raise ModelLoadError(str(exc)) from exc
     weights_id = weights_id or parameters_digest(hf_model)
-    fingerprint = model_fingerprint(hf_model, dtype, weights_id)
+    fingerprint = model_fingerprint(hf_model, dtype, weights_id, linears)
     return LoadedModel(hf_model=hf_model, tokenizer=tokenizer, spec=spec, fingerprint=fingerprint,
                        device=device, dtype=dtype, parts=parts, ropes=ropes,
-                       calibration_id=model_fingerprint(hf_model, None, weights_id))
+                       calibration_id=model_fingerprint(hf_model, None, weights_id), linear_dtype=linears or "float32")
 
 
 def check_architecture(hf_config) -> None:
@@ -161,13 +174,16 @@ def check_architecture(hf_config) -> None:
         raise ModelLoadError(str(exc)) from exc
 
 
-def model_fingerprint(hf_model, dtype: torch.dtype | None, weights_id: str) -> str:
+def model_fingerprint(hf_model, dtype: torch.dtype | None, weights_id: str, linears: str = "") -> str:
+    """Identity of the KV tensors a model computes: architecture, weights, compute dtype, and the linears'
+    weight dtype where it differs from the compute dtype (absent otherwise, so older fingerprints hold)."""
     cfg = hf_model.config
     arch = {name: getattr(cfg, name, None) for name in (
         "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
         "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_parameters", "rope_theta",
         "rope_scaling", "tie_word_embeddings")}
-    blob = json.dumps({"arch": arch, "weights": weights_id, "dtype": str(dtype)}, sort_keys=True, default=str)
+    fields = {"arch": arch, "weights": weights_id, "dtype": str(dtype)} | ({"linears": linears} if linears else {})
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 

@@ -77,7 +77,8 @@ class Runtime:
         if config.threads:
             torch.set_num_threads(config.threads)
         if lm is None:
-            lm = load_model(config.model, device=config.device, compute_dtype=config.compute_dtype)
+            lm = load_model(config.model, device=config.device, compute_dtype=config.compute_dtype,
+                            linear_dtype=config.linear_dtype)
         if embedder is None:
             from retriever import Embedder
             embedder = Embedder(config.embedder)
@@ -107,6 +108,7 @@ class Runtime:
             "instruction": self.config.instruction,
             "prefix_hash": self.template.prefix_hash,
             "index_kind": self.config.index_kind,
+            "linear_dtype": self.lm.linear_dtype,
             "max_store_bytes": self.config.max_store_bytes,
             "num_layers": self.lm.num_layers,
             "num_kv_heads": self.lm.num_kv_heads,

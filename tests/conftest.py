@@ -2,6 +2,7 @@
 deterministic bag-of-words embedder, so pipeline tests run in seconds without any download."""
 from __future__ import annotations
 
+import chunkcache  # noqa: F401  (before torch: chunkcache/openmp.py tunes OpenMP for the engine thread)
 import pytest
 import torch
 
@@ -18,7 +19,8 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
-def make_tiny_lm(tokenizer, *, seed: int = 0, layers: int = TINY_LAYERS, rope_parameters=None, model_type="llama"):
+def make_tiny_lm(tokenizer, *, seed: int = 0, layers: int = TINY_LAYERS, rope_parameters=None, model_type="llama",
+                 linear_dtype: str = "float32"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from chunkcache.models import prepare_model
@@ -37,7 +39,8 @@ def make_tiny_lm(tokenizer, *, seed: int = 0, layers: int = TINY_LAYERS, rope_pa
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
-    return prepare_model(model, tokenizer, spec=f"tiny-random-{seed}", device=torch.device("cpu"))
+    return prepare_model(model, tokenizer, spec=f"tiny-random-{seed}", device=torch.device("cpu"),
+                         linear_dtype=linear_dtype)
 
 
 @pytest.fixture(scope="session")

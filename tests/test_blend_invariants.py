@@ -39,6 +39,15 @@ def test_blend_ratio_one_equals_full(tiny_pipe, docs):
     torch.testing.assert_close(blend, full, rtol=1e-4, atol=1e-4)
 
 
+def test_blend_ratio_one_equals_full_with_bfloat16_linear_weights(tmp_path, tokenizer, hash_embedder, docs):
+    from .conftest import make_tiny_lm, open_tiny_pipe
+
+    with open_tiny_pipe(tmp_path, make_tiny_lm(tokenizer, linear_dtype="bfloat16"), hash_embedder) as pipe:
+        full, _ = pipe.score(QUESTION, FORCED, documents=docs, mode="full")
+        blend, _ = pipe.score(QUESTION, FORCED, documents=docs, mode="blend", recompute_ratio=1.0)
+    torch.testing.assert_close(blend, full, rtol=1e-4, atol=1e-4)
+
+
 def test_single_chunk_after_prefix_reuse_equals_full(tiny_pipe, docs):
     full, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs[:1], mode="full")
     tiny_pipe.query(QUESTION, documents=docs[:1], mode="reuse", max_new_tokens=1)  # stored: read back below

@@ -9,7 +9,7 @@ import pytest
 from chunkcache.engine import EngineLimits
 from chunkcache.errors import EngineBusy, QueryError, RequestCancelled
 
-from .conftest import DOCS, open_tiny_pipe, wait_until_idle
+from .conftest import DOCS, make_tiny_lm, open_tiny_pipe, wait_until_idle
 
 QUESTIONS = ["Where is Mount Everest?", "What carries the most water?", "Who designed the tower?",
              "Which fair was in 1889?", "Where is Nepal?", "How high is Everest?", "What flows through Brazil?",
@@ -40,6 +40,19 @@ def _together(pipe, kwargs_list):
 
 
 def test_greedy_answers_batched_with_seven_others_equal_answers_alone(pipe):
+    _check_batched_equals_alone(pipe)
+
+
+def test_batched_equals_alone_with_bfloat16_linear_weights(tmp_path, tokenizer, hash_embedder):
+    """bf16 weights (chunkcache/cpu_linear.py) keep the batch invariance: oneDNN's product of a row does not
+    depend on the rows beside it."""
+    lm = make_tiny_lm(tokenizer, linear_dtype="bfloat16")
+    assert lm.linear_dtype == "bfloat16"
+    with open_tiny_pipe(tmp_path, lm, hash_embedder, max_new_tokens=12) as p:
+        _check_batched_equals_alone(p)
+
+
+def _check_batched_equals_alone(pipe):
     alone = [_alone(pipe, q, **kw) for q, kw in zip(QUESTIONS, MODES)]
     steps_before = pipe.engine.counts().steps
     together = _together(pipe, MODES)

@@ -131,6 +131,40 @@ def test_packed_linears_compute_what_nn_linear_does():
     assert model[0].weight is not None and [p.shape for p in model.parameters()] == [(96, 64), (96,), (32, 96)]
 
 
+def test_bfloat16_packed_weights_stay_close_to_float32():
+    from chunkcache.cpu_linear import PackedLinear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    with torch.no_grad():
+        linear.bias.fill_(1000.0)  # added in fp32: rounded to bf16 it would be off by up to 4
+    x = torch.randn(5, 64)
+    packed = PackedLinear(linear, torch.bfloat16)
+    out = packed(x)
+    assert packed.packed.dtype == torch.bfloat16 and out.dtype == torch.float32
+    exact = linear(x)
+    assert 0 < (out - exact).abs().max() < 0.05  # bf16 rounding of inputs and weights, not of the bias
+    torch.testing.assert_close(out - 1000.0, exact - 1000.0, rtol=2e-2, atol=3e-2)
+
+
+def test_linear_dtype_is_part_of_the_model_identity_and_of_the_store(tmp_path, tokenizer, hash_embedder, tiny_lm):
+    from chunkcache import ChunkCacheConfig, RAGPipeline
+
+    from .conftest import make_tiny_lm
+
+    bf16 = make_tiny_lm(tokenizer, linear_dtype="bfloat16")
+    assert bf16.fingerprint != tiny_lm.fingerprint  # its KVs differ: chunk keys and stores must not mix
+    assert bf16.calibration_id == tiny_lm.calibration_id  # fitted constants are the weights', shared
+    with RAGPipeline.open(tmp_path / "store", lm=bf16, embedder=hash_embedder) as pipe:
+        assert pipe.rt.store.manifest["linear_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="linear_dtype"):
+        RAGPipeline.open(tmp_path / "store", lm=bf16, embedder=hash_embedder, linear_dtype="float32")
+    with pytest.raises(ValueError, match="linear_dtype"):
+        ChunkCacheConfig(linear_dtype="float16")
+
+
 def test_a_cpu_model_runs_its_linears_packed(tiny_lm):
     from chunkcache.cpu_linear import PackedLinear, onednn_available
 
