@@ -22,11 +22,13 @@ ingest and the benchmark's direct calls interleave between steps.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -40,6 +42,16 @@ from .generation import Generation
 from .openmp import untuned_warning
 
 log = logging.getLogger(__name__)
+# Engines still running, stopped at interpreter exit: a loop thread left in its wait while the
+# interpreter finalises made the process abort ("terminate called without an active exception",
+# SIGABRT) whenever a script ended without closing its pipeline.
+_running: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_engines() -> None:
+    for engine in list(_running):
+        engine.close()
 
 
 
@@ -135,6 +147,7 @@ class Engine:
             log.warning(untuned_warning())
         self._thread = threading.Thread(target=self._loop, name="chunkcache-engine", daemon=True)
         self._thread.start()
+        _running.add(self)
 
     # -- the consumers' side ---------------------------------------------------------------------
     def submit(self, req) -> Ticket:
@@ -167,6 +180,7 @@ class Engine:
             self._closed = True
             self._cv.notify()
         self._thread.join()
+        _running.discard(self)
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -1,8 +1,12 @@
 """The engine (continuous batching): batched answers equal answers alone, limits hold, failures stay put."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -250,3 +254,21 @@ def test_requests_queued_together_are_admitted_together(tmp_path, tiny_lm, hash_
         assert sizes[0] == 4  # one batched probe pass for the four
     finally:
         p.close()
+
+
+@pytest.mark.slow
+def test_a_script_that_never_closes_its_pipeline_exits_cleanly(tmp_path):
+    """The loop thread is stopped at exit. Left in its wait while the interpreter finalised, it made the
+    process abort (SIGABRT, "terminate called without an active exception") once a retrieval had run
+    on it with the real embedder."""
+    head = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); " \
+           f"from chunkcache import RAGPipeline; pipe = RAGPipeline.open({str(tmp_path / 'store')!r}); "
+    # An ~800-token prompt: a tiny one ran no parallel region on the loop thread and never aborted.
+    texts = [" ".join(f"Fact {i}.{j}: tower {i} was designed by engineer {j} in {1800 + j}." for j in range(20))
+             for i in range(6)]
+    subprocess.run([sys.executable, "-c", head + f"pipe.ingest_texts({texts!r}, progress=False); pipe.close()"],
+                   check=True, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", head + "print(len(pipe.query('Who designed tower 3?', "
+                           "max_new_tokens=2).token_ids))"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr and int(done.stdout.split()[-1]) > 0
