@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.envinfo import next_free_path
 from bench.http import (LoopbackServer, configuration, in_worker, open_pipeline, query_stream, questions,
                         summarize, workload_args)
 
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.close()
     config["wall_min"] = round((time.perf_counter() - started) / 60, 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"{dt.date.today().isoformat()}-{config['model'].split('/')[-1]}-t{config['torch_threads']}"
+    name = f"{dt.date.today().isoformat()}-{config['model'].split('/')[-1]}-t{config['torch_threads']}.json"
+    stem = next_free_path(args.out_dir / name).with_suffix("")  # never overwrite an earlier run
     Path(f"{stem}.json").write_text(json.dumps(dict(config=config, rows=rows), indent=2) + "\n")
     text = markdown(config, rows, args)
     Path(f"{stem}.md").write_text(text + "\n")
