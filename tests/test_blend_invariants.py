@@ -280,3 +280,13 @@ def test_impact_at_layer_zero_is_not_degenerate_with_float32_stores(tiny_pipe, d
         blend.select_tokens = original
     chosen = seen[0][:-1]
     assert not torch.equal(chosen[:10], torch.arange(10))
+
+
+def test_the_forward_pass_keeps_versioned_positions(tiny_lm):
+    """chunkcache's rows carry normal (not inference) position tensors, so their range check is
+    remembered across layers: an inference tensor would cost a check per layer (a sync on CUDA)."""
+    from chunkcache.forward import Segment, new_cache
+
+    with torch.inference_mode():
+        segment = Segment(new_cache(tiny_lm, 16), torch.arange(4, 9), tiny_lm.device)
+    assert not segment.positions.is_inference() and segment.kv_len == 9 and not segment.contiguous_from_zero

@@ -155,3 +155,14 @@ def test_range_memo_skips_inference_tensors():
     assert _already_checked(plain, 0, 10, True)
     plain.add_(1)  # an in-place change forgets it
     assert not _already_checked(plain, 0, 10, True)
+
+
+def test_a_remembered_index_changed_in_place_is_checked_again():
+    """Through the public op, on CPU too: an index proven in range once is not re-read, until it changes."""
+    dst, rows = torch.zeros(2, 8, 16), torch.ones(2, 3, 16)
+    index = torch.tensor([1, 2, 3])
+    bk.scatter_rows(dst, rows, index)
+    index[2] = 8  # in place: out of range now
+    with pytest.raises(ValueError, match=r"\[0, 8\), got min 1, max 8"):
+        bk.scatter_rows(dst, rows, index)
+
