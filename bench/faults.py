@@ -223,16 +223,17 @@ def _tiny_pipeline(store: str, **overrides):
 
     # NOTE: the fixture's model lives with the tests; a fault run needs a fast model, not a good one.
     sys.path.insert(0, str(REPO_ROOT))
-    from tests.conftest import HashEmbedder, make_tiny_lm
+    from tests.conftest import make_tiny_lm
     from transformers import AutoTokenizer
 
     from chunkcache import RAGPipeline
     from chunkcache.models import default_gguf_path
+    from retriever.hashing import HashingEmbedder
 
     torch.set_num_threads(1)
     gguf = default_gguf_path()
     lm = make_tiny_lm(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-    return RAGPipeline.open(store, lm=lm, embedder=HashEmbedder(), kv_dtype="float16", chunk_tokens=48,
+    return RAGPipeline.open(store, lm=lm, embedder=HashingEmbedder(), kv_dtype="float16", chunk_tokens=48,
                             **overrides)
 
 
