@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bandwidth = read_bandwidth()
         weight_bytes = {name: weight_bytes_per_token(p.rt.lm) for name, p in pipes.items()}
-        speed_qs = load_questions(args.data, args.speed_questions) if args.speed_questions else []
+        speed_qs = load_questions(args.data, args.speed_questions)
         runs = speed(pipes, speed_qs, args.max_new_tokens)
         fid_qs = load_questions(args.data, FIDELITY_FIRST + args.fidelity_questions)[FIDELITY_FIRST:] \
             if args.fidelity_questions else []

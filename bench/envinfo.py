@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from chunkcache import openmp
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def environment(pipe) -> dict:
     commit, dirty = git_state()
     return {
         "model": lm.spec, "model_fingerprint": lm.fingerprint, "compute_dtype": str(lm.dtype).removeprefix("torch."),
+        "linear_dtype": lm.linear_dtype, "openmp_tuned": openmp.TUNED,
         "device": str(lm.device), "kv_dtype": cfg.kv_dtype, "check_layer": cfg.check_layer,
         "epic_tokens": cfg.epic_tokens, "num_layers": lm.num_layers, "num_kv_heads": lm.num_kv_heads,
         "head_dim": lm.head_dim, "prefix_tokens": len(pipe.rt.template.prefix_ids),

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}", file=sys.stderr)
             return 2
         lm = random_model(shape, tokenizer, device)
-        if args.profile:
+        if args.profile:  # tables on stdout only
             with tempfile.TemporaryDirectory() as tmp:
                 profile(lm, Path(tmp) / "store", questions[0], args.max_new_tokens)
             continue
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         del lm
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.profile:
+        return 0
     path = next_free_path(args.out_dir / f"gpu-{dt.date.today().isoformat()}.json")
     path.write_text(dump_json(out))
     print(f"wrote {path}")

@@ -179,8 +179,8 @@ def _check_scatter_metadata(dst, rows, index) -> None:
     require_tensor("index", index)
     require_dim("dst", dst, 3, "[kv_heads, N, head_dim]")
     require_dim("rows", rows, 3, "[kv_heads, n, head_dim]")
-    require_float("dst", dst, FLOAT_DTYPES + (torch.float64,))
-    require_float("rows", rows, FLOAT_DTYPES + (torch.float64,))
+    require_float("dst", dst, tuple(_SCATTER_FLOATS))
+    require_float("rows", rows, tuple(_SCATTER_FLOATS))
     require_int("index", index)
     if index.dim() != 1 or rows.shape != (dst.shape[0], index.shape[0], dst.shape[2]):
         raise ValueError(
@@ -188,6 +188,8 @@ def _check_scatter_metadata(dst, rows, index) -> None:
             f"{dst.shape[2]}] for dst ({describe(dst)}) and index ({describe(index)})"
         )
     require_same_device(dst=dst, rows=rows, index=index)
+    raise AssertionError(f"_scatter_metadata_ok refused inputs that every check accepts: dst ({describe(dst)}), "
+                         f"rows ({describe(rows)}), index ({describe(index)})")
 
 
 def position_causal_attention(

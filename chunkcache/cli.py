@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-kind", choices=INDEX_KINDS, default="flat",
                    help="Faiss index: flat (exact, default), hnsw or ivf for large corpora")
     p.add_argument("--linear-dtype", choices=LINEAR_DTYPES, default=None,
-                   help="CPU: the linears' weights (default float32); bfloat16 halves what a decode step reads (~1.3x faster decode, "
-                   "KL ~4e-4 to float32). The store keeps it: later commands use it by default")
+                   help="CPU: the linears' weights (default float32); bfloat16 halves what a decode step reads (~1.2x faster decode, "
+                   "KL ~5e-4 to float32). The store keeps it: later commands use it by default")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="compute the chunks on Ray workers that write to a shared store (--store redis://...): "

@@ -19,6 +19,8 @@ MAX_CHUNK_SCALE = 4.0
 KV_DTYPES = ("float16", "bfloat16", "float32", "int8")  # int8: KIVI-style codes (store/codec.py)
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 LINEAR_DTYPES = ("float32", "bfloat16")  # CPU linears' packed weights (chunkcache/cpu_linear.py)
+# What a store recorded before a field existed: it was built with the field's only value then.
+LEGACY_STORE_VALUES = {"linear_dtype": "float32"}
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the question using the documents provided. "
@@ -59,8 +61,8 @@ class ChunkCacheConfig:
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:N"
     compute_dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
     # CPU, float32 models: the dtype of the linears' packed weights. "bfloat16" halves the bytes a decode
-    # step reads (~1.3x faster decode, KL ~4e-4 to float32; chunkcache/cpu_linear.py). KVs differ, so a
-    # store is bound to one choice (it is part of the model fingerprint).
+    # step reads (~1.2x faster decode, KL ~5e-4 to float32; each linear's output is bf16-rounded:
+    # chunkcache/cpu_linear.py). KVs differ, so a store is bound to one choice (model fingerprint, manifest).
     linear_dtype: str = "float32"
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     # Request `documents` (chunkcache/accounting.py): whether their KVs are stored for later requests, and

@@ -7,10 +7,12 @@ vLLM-CPU's kernels get too. Results equal torch's to fp32 rounding (about 1e-6 r
 and fingerprints do not change. The original weight stays (tied embeddings and fingerprints read it): the
 packed copy doubles the linears' memory (1.5x with bfloat16 weights).
 
-`linear_dtype="bfloat16"` packs the weights in bf16 instead: each product rounds its input rows to bf16
-and accumulates in fp32, everything else (norms, attention, the KV) stays fp32. A decode step is bound
-by reading the weights, so half the bytes make it ~1.3x faster (27 -> 21 ms a token for SmolLM2-135M at
-~670 tokens, bench/decode.py); KL to the fp32 model's full prefill is ~4e-4 on MuSiQue dev (docs/SERVER.md).
+`linear_dtype="bfloat16"` packs the weights in bf16 instead: each product rounds its input rows to bf16,
+accumulates in fp32 and rounds its output to bf16, which is widened back to fp32 for the rest (norms,
+residuals, attention and the KV cache are fp32 tensors, holding bf16-rounded projections). A decode
+step is bound by reading the weights, so half the bytes make it ~1.2x faster (28.3 -> 22.9 ms a token
+for SmolLM2-135M at ~640 tokens, bench/decode.py); KL to the fp32 model's full prefill is ~5e-4 on
+MuSiQue dev (README "Single-stream decode").
 KVs differ from fp32's, so the model fingerprint records it (models.model_fingerprint).
 """
 from __future__ import annotations
@@ -20,14 +22,19 @@ import logging
 import torch
 from torch import nn
 
+from .config import LINEAR_DTYPES
+
 log = logging.getLogger(__name__)
-
-
-LINEAR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in LINEAR_DTYPES}
 
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_bf16_available() -> bool:
+    """oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AMX; elsewhere packing a bf16 weight raises."""
+    return onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedLinear(nn.Module):
@@ -45,7 +52,7 @@ class PackedLinear(nn.Module):
         if self.packed.dtype == x.dtype:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         out = torch.ops.mkldnn._linear_pointwise(x.to(self.packed.dtype), self.packed, None, "none", [], "").to(x.dtype)
-        return out if self.bias is None else out + self.bias  # the bias added in fp32, not rounded to bf16
+        return out if self.bias is None else out.add_(self.bias)  # the bias added in fp32, not rounded to bf16
 
 
 def pack_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:

@@ -51,7 +51,10 @@ _running: weakref.WeakSet = weakref.WeakSet()
 @atexit.register
 def _close_running_engines() -> None:
     for engine in list(_running):
-        engine.close()
+        try:
+            engine.close()
+        except Exception:  # one engine's failure must not leave the others running into finalisation
+            log.exception("closing the engine at exit failed")
 
 
 
@@ -143,8 +146,9 @@ class Engine:
         self._steps = self._peak_batch = 0
         self._cv = threading.Condition()
         self._closed = False
-        if pipeline.rt.lm.device.type == "cpu" and torch.get_num_threads() > 1 and untuned_warning():
-            log.warning(untuned_warning())
+        warning = untuned_warning()
+        if warning and pipeline.rt.lm.device.type == "cpu" and torch.get_num_threads() > 1:
+            log.warning(warning)
         self._thread = threading.Thread(target=self._loop, name="chunkcache-engine", daemon=True)
         self._thread.start()
         _running.add(self)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import cache_home
-from .cpu_linear import LINEAR_DTYPES, pack_linears
+from .cpu_linear import TORCH_DTYPES, onednn_bf16_available, pack_linears
 from .layers import DecoderParts, UnsupportedModelError, check_architecture as check_layout, decoder_parts
 from .rope import LayerRope, UnsupportedRopeError, check_rope_supported, layer_ropes, rope_self_test
 
@@ -138,16 +138,20 @@ def prepare_model(hf_model, tokenizer, *, spec: str, device: torch.device,
     """Checks, fingerprints and wraps an already-built HF model (also used for random-init test models).
     linear_dtype: the packed weights of an fp32 model's linears on CPU (chunkcache/cpu_linear.py); on a
     GPU, or for a model computed in 16 bits, it does not apply."""
-    if linear_dtype not in LINEAR_DTYPES:
-        raise ValueError(f"unknown linear_dtype {linear_dtype!r}; use {' or '.join(LINEAR_DTYPES)}")
+    if linear_dtype not in TORCH_DTYPES:
+        raise ValueError(f"unknown linear_dtype {linear_dtype!r}; use {' or '.join(TORCH_DTYPES)}")
     check_architecture(hf_model.config)
     hf_model.eval().requires_grad_(False)
     hf_model.to(device)
     dtype = next(hf_model.parameters()).dtype
     linears = ""
     if device.type == "cpu" and dtype == torch.float32:
+        if linear_dtype == "bfloat16" and not onednn_bf16_available():
+            raise ModelLoadError("linear_dtype=bfloat16 needs oneDNN's bf16 products, which need a CPU with "
+                                 "AVX-512 (BW, VL, DQ) or AMX; this one has neither (or torch lacks oneDNN). "
+                                 "Use linear_dtype=float32, and a store built with it.")
         # The same products 2-3x faster on CPU; bfloat16 weights halve what a decode step reads.
-        if pack_linears(hf_model, LINEAR_DTYPES[linear_dtype]) and linear_dtype != "float32":
+        if pack_linears(hf_model, TORCH_DTYPES[linear_dtype]) and linear_dtype != "float32":
             linears = linear_dtype
     elif linear_dtype != "float32":
         log.info("linear_dtype=%s applies to float32 models on CPU; this one computes in %s on %s",

@@ -8,6 +8,10 @@ linears, norms), which made SmolLM2-135M decode at 38-40 ms a token in the engin
 from the main thread (2 cores; 1536x576 linear at one row: 135 against 70 us). Workers that spin a
 bounded while before sleeping (OMP_WAIT_POLICY=ACTIVE, GOMP_SPINCOUNT=100000) bring the engine to
 27-28 ms; unbounded spinning (ACTIVE alone) is worse, since idle teams then hold the cores.
+
+They are set in os.environ, so child processes (Ray workers, benchmark servers) inherit them too. Idle
+workers spin up to 100,000 rounds (a few milliseconds at most) before sleeping, so two processes
+sharing cores lose about what libgomp's own default spin costs them.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ SETTINGS = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "100000"}
 
 def tune_before_torch() -> bool:
     """Set SETTINGS where the user has not set them, if torch is not loaded yet; returns whether the
-    process runs with them (False when torch was imported first, too late to change)."""
+    process runs with them (False when torch was imported first, too late to change; True then only if
+    the environment already held them, as when the process was started with them)."""
     if "torch" not in sys.modules:
         for name, value in SETTINGS.items():
             os.environ.setdefault(name, value)

@@ -16,7 +16,7 @@ import torch
 
 from store import KV_FORMAT_VERSION, chunk_key
 
-from .config import ChunkCacheConfig
+from .config import LEGACY_STORE_VALUES, ChunkCacheConfig
 from .kvcompute import kv_dtype_of, prefix_cache
 from .models import LoadedModel, load_model
 from .prompt import PromptTemplate, build_template
@@ -64,7 +64,7 @@ class Runtime:
         config = (config or ChunkCacheConfig()).replace(**overrides)
         manifest = store.manifest
         if manifest is not None:
-            recorded = {k: manifest[k] for k in ChunkCacheConfig.STORE_FIELDS if k in manifest}
+            recorded = LEGACY_STORE_VALUES | {k: manifest[k] for k in ChunkCacheConfig.STORE_FIELDS if k in manifest}
             changed = {k: v for k, v in overrides.items() if k in recorded and recorded[k] != v
                        and k not in ("model", "embedder")}
             if changed:
@@ -79,6 +79,7 @@ class Runtime:
         if lm is None:
             lm = load_model(config.model, device=config.device, compute_dtype=config.compute_dtype,
                             linear_dtype=config.linear_dtype)
+        config = config.replace(linear_dtype=lm.linear_dtype)  # what applies (float32 on a GPU, say)
         if embedder is None:
             from retriever import Embedder
             embedder = Embedder(config.embedder)

@@ -21,6 +21,8 @@ import numpy as np
 from retriever import VectorIndex
 from store import KV_FORMAT_VERSION, DiskFullError, StoreError, StoreUnavailableError, open_backend, parse_store_spec
 
+from .config import LEGACY_STORE_VALUES
+
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
@@ -81,7 +83,9 @@ class ChunkStore:
             raise StoreMismatchError(
                 f"store {self.path} uses KV format version {found.get('format_version')}, this chunkcache uses "
                 f"{KV_FORMAT_VERSION}; rebuild it: remove {self.path} and re-run `chunkcache ingest`")
-        for name, what in (("model_fingerprint", "model"), ("embedder_fingerprint", "embedder"),
+        found = LEGACY_STORE_VALUES | found
+        for name, what in (("linear_dtype", "linear weight dtype (linear_dtype)"), ("model_fingerprint", "model"),
+                           ("embedder_fingerprint", "embedder"),
                            ("kv_dtype", "KV dtype"), ("prefix_hash", "prompt prefix (system prompt/instruction)"),
                            ("chunk_tokens", "chunk size")):
             if name in expected and found.get(name) != expected[name]:

@@ -125,14 +125,16 @@ def test_attention_rejects(kwargs, message):
 
 
 def test_range_check_memo_forgets_modified_and_dead_tensors():
-    """CUDA range checks are remembered per live, unmodified index tensor (no sync on later layers)."""
+    """Range checks remember the values they read per live, unmodified index tensor (no second read on
+    later layers), and skip only checks those values satisfy."""
     from blend_kernels import _checks
 
     index = torch.tensor([3, 1, 2])
-    _checks._remember(index, 0, 10, True)
+    _checks._remember(index, 1, 3, True)  # what a check read: min 1, max 3, unique
     assert _checks._already_checked(index, 0, 10, unique=True)
-    assert _checks._already_checked(index, 0, 5, unique=False)  # a tighter bound is implied
-    assert not _checks._already_checked(index, 0, 11, unique=True)
+    assert _checks._already_checked(index, 1, 4, unique=False)
+    assert not _checks._already_checked(index, 0, 3, unique=True)  # 3 is not below 3
+    assert not _checks._already_checked(index, 2, 10, unique=True)  # 1 is below 2
     assert not _checks._already_checked(torch.tensor([3, 1, 2]), 0, 10, unique=True)  # another tensor
     index.add_(1)  # in-place change bumps the version counter
     assert not _checks._already_checked(index, 0, 10, unique=True)
@@ -142,19 +144,28 @@ def test_range_check_memo_forgets_modified_and_dead_tensors():
 
 
 def test_range_memo_skips_inference_tensors():
-    """Positions made under torch.inference_mode keep no version counter: they are checked every time
+    """Tensors made under torch.inference_mode keep no version counter: they are checked every time
     instead of being remembered (remembering would need the counter; on CUDA that raised)."""
     from blend_kernels._checks import _already_checked, _remember
 
     with torch.inference_mode():
         index = torch.arange(5)
-    _remember(index, 0, 10, True)
+    _remember(index, 0, 4, True)
     assert not _already_checked(index, 0, 10, True)
     plain = torch.arange(5)
-    _remember(plain, 0, 10, True)
+    _remember(plain, 0, 4, True)
     assert _already_checked(plain, 0, 10, True)
     plain.add_(1)  # an in-place change forgets it
     assert not _already_checked(plain, 0, 10, True)
+
+
+def test_an_index_proven_for_a_wider_bound_is_checked_against_a_narrower_one():
+    """scatter_rows proves positions against the cache's capacity; the attention that reuses them has
+    fewer keys, and must still refuse a query position past its last key."""
+    q_pos = torch.tensor([9])
+    bk.scatter_rows(torch.zeros(2, 16, 8), torch.ones(2, 1, 8), q_pos)
+    with pytest.raises(ValueError, match=r"q_pos"):
+        bk.position_causal_attention(torch.randn(2, 1, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8), q_pos)
 
 
 def test_a_remembered_index_changed_in_place_is_checked_again():

@@ -132,27 +132,46 @@ def test_packed_linears_compute_what_nn_linear_does():
 
 
 def test_bfloat16_packed_weights_stay_close_to_float32():
-    from chunkcache.cpu_linear import PackedLinear, onednn_available
+    from chunkcache.cpu_linear import PackedLinear, onednn_bf16_available
 
-    if not onednn_available():
-        pytest.skip("this torch has no oneDNN")
+    if not onednn_bf16_available():
+        pytest.skip("no oneDNN bf16 products on this CPU")
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)
     with torch.no_grad():
-        linear.bias.fill_(1000.0)  # added in fp32: rounded to bf16 it would be off by up to 4
+        linear.bias.fill_(1000.3)  # added in fp32 after the product: in bf16 (1000.0) or summed there, off by 0.3+
     x = torch.randn(5, 64)
     packed = PackedLinear(linear, torch.bfloat16)
     out = packed(x)
     assert packed.packed.dtype == torch.bfloat16 and out.dtype == torch.float32
     exact = linear(x)
-    assert 0 < (out - exact).abs().max() < 0.05  # bf16 rounding of inputs and weights, not of the bias
-    torch.testing.assert_close(out - 1000.0, exact - 1000.0, rtol=2e-2, atol=3e-2)
+    assert 0 < (out - exact).abs().max() < 0.05  # bf16 rounding of inputs, weights and product, not of the bias
+    torch.testing.assert_close(out - 1000.3, exact - 1000.3, rtol=2e-2, atol=3e-2)
 
 
 def test_linear_dtype_is_part_of_the_model_identity_and_of_the_store(tmp_path, tokenizer, hash_embedder, tiny_lm):
     from chunkcache import ChunkCacheConfig, RAGPipeline
+    from chunkcache.cpu_linear import onednn_bf16_available
+    from chunkcache.models import model_fingerprint
+    from chunkcache.storedir import StoreMismatchError
 
     from .conftest import make_tiny_lm
+
+    if not onednn_bf16_available():
+        pytest.skip("no oneDNN bf16 products on this CPU")
+    # float32 fingerprints are the ones earlier versions computed (their formula, below), so existing
+    # stores keep their keys.
+    import hashlib
+    import json
+
+    cfg = tiny_lm.hf_model.config
+    arch = {name: getattr(cfg, name, None) for name in (
+        "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_parameters", "rope_theta",
+        "rope_scaling", "tie_word_embeddings")}
+    before = json.dumps({"arch": arch, "weights": "w", "dtype": str(torch.float32)}, sort_keys=True, default=str)
+    assert model_fingerprint(tiny_lm.hf_model, torch.float32, "w") == \
+        hashlib.blake2b(before.encode(), digest_size=16).hexdigest()
 
     bf16 = make_tiny_lm(tokenizer, linear_dtype="bfloat16")
     assert bf16.fingerprint != tiny_lm.fingerprint  # its KVs differ: chunk keys and stores must not mix
@@ -163,6 +182,17 @@ def test_linear_dtype_is_part_of_the_model_identity_and_of_the_store(tmp_path, t
         RAGPipeline.open(tmp_path / "store", lm=bf16, embedder=hash_embedder, linear_dtype="float32")
     with pytest.raises(ValueError, match="linear_dtype"):
         ChunkCacheConfig(linear_dtype="float16")
+    # A store from before the setting existed was built with float32 weights: a bf16 model is refused,
+    # named as such, not as "another model".
+    with RAGPipeline.open(tmp_path / "old", lm=tiny_lm, embedder=hash_embedder) as pipe:
+        manifest = dict(pipe.rt.store.manifest)
+    del manifest["linear_dtype"]
+    with RAGPipeline.open(tmp_path / "old", lm=tiny_lm, embedder=hash_embedder) as pipe:
+        pipe.rt.store.write_manifest(manifest)
+    with pytest.raises(StoreMismatchError, match="linear weight dtype"):
+        RAGPipeline.open(tmp_path / "old", lm=bf16, embedder=hash_embedder)
+    with RAGPipeline.open(tmp_path / "old", lm=tiny_lm, embedder=hash_embedder) as pipe:  # float32: opens
+        assert pipe.config.linear_dtype == "float32"
 
 
 def test_a_cpu_model_runs_its_linears_packed(tiny_lm):
