@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,10 +26,11 @@ import torch
 from bench import metrics
 from bench.data import DEFAULT_DATA, REPO_ROOT, load_questions
 from bench.envinfo import dump_json, environment, next_free_path
+from bench.kernels import time_cpu
+from chunkcache.config import LINEAR_DTYPES
 
 RESULTS_DIR = Path(__file__).parent / "results" / "decode"
 STORE_ROOT = REPO_ROOT / ".cache" / "bench-decode"
-LINEAR_DTYPES = ("float32", "bfloat16")
 FIDELITY_FIRST = 25  # the held-out half of dev (the calibrations are fitted on 0-24)
 
 
@@ -49,15 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes/s of reading a `gib` GiB fp32 tensor once (a sum), best of `repeats`."""
     x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()  # fault the pages in
-    best = min(_timed(x.sum) for _ in range(repeats))
-    return x.numel() * 4 / best
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+    best_ms = time_cpu({"sum": x.sum}, warmup=1, repeats=repeats)["sum"]  # the warm-up faults the pages in
+    return x.numel() * 4 / (best_ms / 1e3)
 
 
 def weight_bytes_per_token(lm) -> int:
@@ -118,15 +110,15 @@ def fidelity(pipes: dict, questions, max_new_tokens: int) -> list[dict]:
 def summarize(runs: dict, bandwidth: float, weight_bytes: dict, fid: list[dict]) -> dict:
     out = {}
     for name, rows in runs.items():
-        ms = statistics.median(r["ms_per_token"] for r in rows)
+        ms = metrics.median([r["ms_per_token"] for r in rows])
         limit = bandwidth / weight_bytes[name]
         out[name] = {"ms_per_token": ms, "tokens_per_s": 1000 / ms, "weight_bytes_per_token": weight_bytes[name],
                      "weight_read_limit_tokens_per_s": limit, "share_of_limit": 1000 / ms / limit,
-                     "prompt_tokens_mean": statistics.mean(r["prompt_tokens"] for r in rows)}
+                     "prompt_tokens_mean": metrics.mean([r["prompt_tokens"] for r in rows])}
     for label in ("bf16_full", "bf16_blend", "fp32_blend"):
         if fid:
-            out[label] = {"kl_mean": statistics.mean(r[label]["kl_mean"] for r in fid),
-                          "top1": statistics.mean(r[label]["top1"] for r in fid), "questions": len(fid)}
+            out[label] = {"kl_mean": metrics.mean([r[label]["kl_mean"] for r in fid]),
+                          "top1": metrics.mean([r[label]["top1"] for r in fid]), "questions": len(fid)}
     return out
 
 

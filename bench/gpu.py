@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bench import metrics
 from bench.data import DEFAULT_DATA, load_questions
 from bench.envinfo import dump_json, next_free_path
 from bench.run import BenchConfig, run_benchmark
@@ -106,8 +107,8 @@ def engine_check(lm, store: Path, questions, max_new_tokens: int) -> dict:
             "alone_s": alone_s, "batched_s": batched_s,
             "alone_tokens_per_s": sum(a.stats.completion_tokens for a in alone) / alone_s,
             "batched_tokens_per_s": tokens / batched_s,
-            "alone_ttft_median_s": sorted(a.ttft_s for a in alone)[len(alone) // 2],
-            "batched_ttft_median_s": sorted(b.ttft_s for b in batched)[len(batched) // 2],
+            "alone_ttft_median_s": metrics.median([a.ttft_s for a in alone]),
+            "batched_ttft_median_s": metrics.median([b.ttft_s for b in batched]),
             "first_difference": next(([i, a.token_ids, b.token_ids] for i, (a, b) in enumerate(zip(alone, batched))
                                       if a.token_ids != b.token_ids), None)}
 

@@ -145,13 +145,14 @@ def _run_layers(lm: LoadedModel, rows: RowPass, token_ids: torch.Tensor,
 class Segment:
     """One request's tokens in a flattened batch: they write and attend only its cache."""
 
+    rows: slice  # where its tokens sit in the batch (set by RowPass)
+
     def __init__(self, cache: KVCache, positions: torch.Tensor, device: torch.device):
         self.cache = cache
-        self.set_positions(positions, 0, device)
+        self.set_positions(positions, device)
 
-    def set_positions(self, positions: torch.Tensor, start: int, device: torch.device) -> None:
+    def set_positions(self, positions: torch.Tensor, device: torch.device) -> None:
         """positions: int64 [n], strictly increasing, on any device (host reads are free on the CPU)."""
-        self.rows = slice(start, start + len(positions))  # where its tokens sit in the batch
         self.kv_len = int(positions[-1].item()) + 1
         self.contiguous_from_zero = positions[0].item() == 0 and self.kv_len == len(positions)
         with torch.inference_mode(False):
@@ -173,17 +174,21 @@ class RowPass(Cache):
 
     def __init__(self, segments: list[Segment], probe_layer: int | None, attention_mass: bool = False):
         super().__init__(layers=[])
-        start = 0
-        for segment in segments:
-            segment.rows = slice(start, start + len(segment.positions))
-            start = segment.rows.stop
+        self.segments = segments
+        self._lay_out()
         if probe_layer is not None and len(segments) != 1:
             raise ValueError("selective recompute narrows one request at a time")
-        self.segments = segments
         self.probe_layer = probe_layer
         self.probe: LayerProbe | None = None
         self.mass = [torch.zeros(s.kv_len, dtype=torch.float32, device=s.positions.device) for s in segments] \
             if attention_mass else None
+
+    def _lay_out(self) -> None:
+        """Segment i's tokens are rows [start_i, start_i + n_i) of the flattened batch, in order."""
+        start = 0
+        for segment in self.segments:
+            segment.rows = slice(start, start + len(segment.positions))
+            start = segment.rows.stop
 
     def all_positions(self) -> torch.Tensor:
         if len(self.segments) == 1:
@@ -224,7 +229,8 @@ class RowPass(Cache):
     def narrow(self, keep: torch.Tensor) -> None:
         """After the probe layer only the `keep` tokens (local indices, sorted) of the lone segment go on."""
         segment = self.segments[0]
-        segment.set_positions(segment.positions[keep], 0, segment.positions.device)
+        segment.set_positions(segment.positions[keep], segment.positions.device)
+        self._lay_out()
 
     # What transformers may ask a Cache outside update(); the request caches answer.
     def get_seq_length(self, layer_idx: int = 0) -> int:
