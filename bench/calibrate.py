@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_against_pipeline(lm, s: Sample) -> None:
     """The differentiable forward at S = 1 must give reuse mode's own teacher-forced log-probs."""
-    from chunkcache.forward import forward_tokens, new_cache
+    from chunkcache.forward import forward_tokens
+    from chunkcache.kvcache import new_cache
 
     n_ctx = s.ctx_k.shape[2]
     cache = new_cache(lm, n_ctx + len(s.token_ids))

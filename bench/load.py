@@ -21,10 +21,12 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import multiprocessing
 import os
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from bench.envinfo import next_free_path
@@ -57,12 +59,14 @@ def stream_query(http, payload: dict) -> tuple[float, float, int]:
 
 def run_level(url: str, clients: int, args: argparse.Namespace) -> dict:
     qs = questions(99)
+    payloads = [[{"question": qs[(index + n * clients) % len(qs)], "mode": args.mode, "top_k": args.top_k,
+                  "max_new_tokens": args.max_new_tokens} for n in range(args.requests)] for index in range(clients)]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients_process:
+        return clients_process.submit(_clients, url, payloads).result()
 
-    def send(http, index: int, n: int) -> tuple[float, float, int]:
-        return stream_query(http, {"question": qs[(index + n * clients) % len(qs)], "mode": args.mode,
-                                   "top_k": args.top_k, "max_new_tokens": args.max_new_tokens})
 
-    return closed_loop(url, clients, args.requests, send)
+def _clients(url: str, payloads: list[list[dict]]) -> dict:
+    return closed_loop(url, len(payloads), len(payloads[0]), lambda http, index, n: stream_query(http, payloads[index][n]))
 
 
 def closed_loop(url: str, clients: int, requests: int, send) -> dict:

@@ -31,7 +31,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -39,6 +39,7 @@ from .answer import Answer
 from .errors import EngineBusy, EngineClosed, QueryError, RequestCancelled
 from .forward import forward_batch, forward_tokens
 from .generation import Generation
+from .kvcache import KVCache, KVPool, new_cache, pool_bytes_per_slot_token
 from .openmp import untuned_warning
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 # interpreter finalises made the process abort ("terminate called without an active exception",
 # SIGABRT) whenever a script ended without closing its pipeline.
 _running: weakref.WeakSet = weakref.WeakSet()
+# An empty KV pool is kept this long, so that back-to-back requests do not pay for fresh memory (its page
+# faults, ~100 ms for 8 slots of ~900 rows) each time; an idle engine then holds no KV memory.
+POOL_IDLE_S = 2.0
 
 
 @atexit.register
@@ -88,6 +92,8 @@ class Ticket:
         self.submitted = time.perf_counter()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._sink: Callable[[object], None] | None = None
+        self._sink_lock = threading.Lock()
 
     def __iter__(self) -> Iterator[str | Answer]:
         while True:
@@ -106,8 +112,25 @@ class Ticket:
     def cancelled(self) -> bool:
         return self._cancelled.is_set() or (self.req.cancelled is not None and self.req.cancelled())
 
+    def stream_to(self, sink: Callable[[object], None]) -> None:
+        """Hand every event (those already queued first, in order) to `sink` instead of the iterator. The engine
+        thread calls it, so it must only hand the item over (an event loop's call_soon_threadsafe): a server
+        then needs no thread per stream waking for every token (with 8 streams those wake-ups took the
+        engine thread's GIL often enough to slow each decode step by a fifth)."""
+        with self._sink_lock:
+            while True:
+                try:
+                    sink(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            self._sink = sink
+
     def put(self, item) -> None:
-        self._events.put(item)
+        with self._sink_lock:
+            if self._sink is None:
+                self._events.put(item)
+                return
+        self._sink(item)  # only the engine thread puts, so the items keep their order
 
 
 @dataclass
@@ -116,7 +139,8 @@ class _Active:
 
     ticket: Ticket
     staged: object  # pipeline.Staged
-    kv_bytes: int
+    cache: KVCache
+    kv_bytes: int  # of a cache of its own (0 for a pool slot: the pool is counted whole)
     todo: torch.Tensor | None = None  # prompt positions still to compute, in increasing order
     prefill_started: float = 0.0
     gen: Generation | None = None
@@ -127,7 +151,7 @@ class _Active:
 class EngineCounts:
     running: int  # admitted: prefilling or decoding
     waiting: int
-    kv_bytes: int  # the admitted requests' KV caches
+    kv_bytes: int  # the admitted requests' KV caches (their pool slots and caches of their own)
     steps: int  # forwards run so far
     peak_batch: int  # the most requests one forward has served
 
@@ -142,7 +166,8 @@ class Engine:
         self._waiting: deque[Ticket] = deque()
         self._planned: dict[int, object] = {}  # id(ticket) -> its Staged, planned while it waits for memory
         self._active: list[_Active] = []
-        self._kv_in_use = 0
+        self._pool: KVPool | None = None  # the running requests' caches, as slots (chunkcache/kvcache.py)
+        self._private_bytes = 0  # caches of their own, for requests the pool could not grow to
         self._steps = self._peak_batch = 0
         self._cv = threading.Condition()
         self._closed = False
@@ -176,7 +201,7 @@ class Engine:
 
     def counts(self) -> EngineCounts:
         with self._cv:
-            return EngineCounts(len(self._active), len(self._waiting), self._kv_in_use, self._steps, self._peak_batch)
+            return EngineCounts(len(self._active), len(self._waiting), self._kv_held(), self._steps, self._peak_batch)
 
     def close(self) -> None:
         """Stop the loop after its current step; requests still queued or running get EngineClosed."""
@@ -191,7 +216,8 @@ class Engine:
         while True:
             with self._cv:
                 while not self._closed and not self._waiting and not self._active:
-                    self._cv.wait()
+                    if not self._cv.wait(timeout=POOL_IDLE_S if self._pool is not None else None):
+                        self._pool = None  # idle a while: the KV memory goes back
                 if self._closed:
                     break
             try:
@@ -262,15 +288,16 @@ class Engine:
                 need = self.pipe.kv_bytes(staged)
                 if need > limits.max_kv_bytes:
                     raise _too_big(need, limits.max_kv_bytes)
-                if self._kv_in_use + need > limits.max_kv_bytes:
+                cache = self._allocate(staged, need)
+                if cache is None:
                     break  # it waits, in order, for running requests to free memory
                 self._pop(ticket)
                 staged.timings.queue_s = time.perf_counter() - ticket.submitted
-                self._kv_in_use += need
                 staged.started = ticket.submitted  # the caller's TTFT and total include the time queued
-                active = _Active(ticket, staged, need)
+                active = _Active(ticket, staged, cache, 0 if cache.pool is not None else need)
+                self._private_bytes += active.kv_bytes
                 self._active.append(active)
-                self.pipe._place_kv(staged)
+                self.pipe._place_kv(staged, cache)
                 active.prefill_started = time.perf_counter()
             except Exception as exc:  # this request's own failure (bad input, store error): only it fails
                 self._pop(ticket)
@@ -285,6 +312,35 @@ class Engine:
         for active in new:
             if active in self._active:
                 active.todo = active.staged.positions
+
+    def _allocate(self, staged, need: int) -> KVCache | None:
+        """The request's cache: a slot of the pool, which grows (by a quarter more than asked, so that the
+        next slightly longer prompt fits too) while memory allows; else a cache of its own; else None (it waits).
+        The pool has a slot per running request, so a free one is there whenever admission is."""
+        pool, lm, limit = self._pool, self.pipe.rt.lm, self.limits.max_kv_bytes
+        tokens = self.pipe.cache_tokens(staged)
+        prompt = staged.layout.num_tokens
+        if pool is not None and pool.has_room(tokens):
+            return pool.take(tokens, prompt)
+        per_slot_token = pool_bytes_per_slot_token(lm)
+        slots = self.limits.max_running
+        for capacity in (_round_up(tokens * 5 // 4, 64), tokens):
+            capacity = max(capacity, pool.capacity if pool is not None else 0)
+            if self._private_bytes + slots * capacity * per_slot_token <= limit:
+                self._pool = KVPool(lm, slots, capacity) if pool is None else pool.resized(lm, capacity)
+                return self._pool.take(tokens, prompt)
+        if self._kv_in_use() + need <= limit:
+            return new_cache(lm, tokens)
+        return None
+
+    def _kv_in_use(self) -> int:
+        """The KV memory allocated: the pool whole (free slots too) and the caches of their own."""
+        return self._private_bytes + (self._pool.nbytes if self._pool is not None else 0)
+
+    def _kv_held(self) -> int:
+        """The KV memory the admitted requests hold: their slots and their caches of their own."""
+        pool = self._pool
+        return self._private_bytes + (pool.in_use * pool.nbytes // pool.slots if pool is not None else 0)
 
     def _pop(self, ticket: Ticket) -> None:
         with self._cv:
@@ -373,8 +429,14 @@ class Engine:
         for active in finished:
             if active in self._active:
                 self._active.remove(active)
-                self._kv_in_use -= active.kv_bytes
+                self._private_bytes -= active.kv_bytes
+                if active.cache.pool is not None:
+                    active.cache.pool.release(active.cache)
                 active.staged.cache = None  # the memory goes back now, not when the consumer lets go
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _cancelled_error() -> Exception:

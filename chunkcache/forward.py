@@ -19,37 +19,9 @@ from transformers import Cache
 
 from blend_kernels import position_causal_attention, scatter_rows
 
+from .kvcache import KVCache, pooled_decode_attention
 from .layers import ROWS_KWARG
 from .models import LoadedModel
-
-
-@dataclass
-class KVCache:
-    """The per-request KV cache; row j holds the token at position j.
-
-    k, v: [layers, kv_heads, capacity, head_dim] in the model's compute dtype.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    length: int = 0
-    # Optional attention correction (chunkcache/blend.py, `chunk_key_bias`): fp32 [layers, 1 or
-    # q_heads, capacity] added to the attention logits of every query at a position >= bias_from,
-    # so log(S) on a reused chunk's stale rows scales their attention mass by S. A row computed
-    # in a layer is fresh there, and its bias is cleared. None: plain attention.
-    key_bias: torch.Tensor | None = None
-    bias_from: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-
-def new_cache(lm: LoadedModel, capacity: int) -> KVCache:
-    shape = (lm.num_layers, lm.num_kv_heads, capacity, lm.head_dim)
-    # empty, not zeros: every row is written (copied from the store or computed) before it is read.
-    return KVCache(torch.empty(shape, dtype=lm.dtype, device=lm.device),
-                   torch.empty(shape, dtype=lm.dtype, device=lm.device))
 
 
 @dataclass
@@ -178,6 +150,11 @@ class RowPass(Cache):
         self._lay_out()
         if probe_layer is not None and len(segments) != 1:
             raise ValueError("selective recompute narrows one request at a time")
+        for s in segments:
+            if s.kv_len > s.cache.capacity:
+                raise ValueError(f"position {s.kv_len - 1} is past the end of a request cache of {s.cache.capacity} rows")
+        self.group = DecodeGroup.of(segments, segments[0].positions.device) if not attention_mass else None
+        self.alone = [s for s in segments if self.group is None or s not in self.group.members]
         self.probe_layer = probe_layer
         self.probe: LayerProbe | None = None
         self.mass = [torch.zeros(s.kv_len, dtype=torch.float32, device=s.positions.device) for s in segments] \
@@ -198,7 +175,9 @@ class RowPass(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key/value_states: [1, kv_heads, N, D] for the tokens in flight. Returns the layer's rows of a lone
         request, [1, kv_heads, kv_len, D] (what transformers expects; `attend` reads the caches itself)."""
-        for s in self.segments:
+        if self.group is not None:
+            self.group.write(layer_idx, key_states[0], value_states[0])
+        for s in self.alone:
             kv, k, v = s.cache, key_states[0, :, s.rows], value_states[0, :, s.rows]
             if layer_idx == self.probe_layer:
                 self.probe = LayerProbe(layer_idx, s.positions, None, k, v, kv.k[layer_idx][:, s.positions],
@@ -221,10 +200,21 @@ class RowPass(Cache):
             for s, mass in zip(self.segments, self.mass):
                 mass += attention_weights(s.cache, layer_idx, q[0, :, s.rows], s.positions, scale, s.kv_len,
                                           window, softcap).sum(dim=(0, 1))
+        group = self.group if softcap is None else None  # (SDPA has no soft cap: each attends alone)
+        alone = self.alone if group is not None else self.segments
         outs = [_attention(s.cache, layer_idx, q[0, :, s.rows], s.positions, scale, s.contiguous_from_zero,
-                           s.kv_len, window, softcap) for s in self.segments]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return out.transpose(0, 1)[None]
+                           s.kv_len, window, softcap) for s in alone]
+        if group is None:
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+            return out.transpose(0, 1)[None]
+        grouped = group.attend(layer_idx, q[0], scale, window)
+        if not alone and group.rows == slice(0, q.shape[2]):
+            return grouped[None]  # a step of decodes only
+        out = q.new_empty((q.shape[2], q.shape[1], q.shape[3]))  # [N, q_heads, D]
+        out[group.rows] = grouped
+        for s, o in zip(alone, outs):
+            out[s.rows] = o.transpose(0, 1)
+        return out[None]
 
     def narrow(self, keep: torch.Tensor) -> None:
         """After the probe layer only the `keep` tokens (local indices, sorted) of the lone segment go on."""
@@ -238,6 +228,72 @@ class RowPass(Cache):
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return max(s.kv_len for s in self.segments), 0
+
+
+class DecodeGroup:
+    """The step's one-token segments (decode steps) whose caches are slots of one `KVPool`: each layer writes
+    their K/V with one index_put and attends them with one call (`kvcache.pooled_decode_attention`) instead of
+    one of each per request. That call reads slots [first, first + span), each up to the longest member's row,
+    so `of` leaves out a member whose padding would cost more than the calls it saves."""
+
+    def __init__(self, members: list[Segment], device: torch.device):
+        self.members = members
+        self.pool = members[0].cache.pool
+        slots = [s.cache.slot for s in members]
+        self.first = min(slots)
+        self.kv_len = max(s.kv_len for s in members)
+        lengths = torch.ones(max(slots) - self.first + 1, dtype=torch.long)  # a slot without a query sees row 0
+        lengths[torch.tensor(slots) - self.first] = torch.tensor([s.kv_len for s in members])
+        self.lengths = lengths.to(device)
+        self.slots = torch.tensor(slots, device=device)
+        self.positions = torch.cat([s.positions for s in members])
+        # The usual step (the engine puts decode rows first; slots are taken lowest first) is rows [r, r + B)
+        # for slots [first, first + B), in order: slices then stand in for gathers and scatters.
+        starts = [s.rows.start for s in members]
+        in_order = starts == list(range(starts[0], starts[0] + len(members)))
+        self.rows = slice(starts[0], starts[0] + len(members)) if in_order else torch.tensor(starts, device=device)
+        dense = slots == list(range(self.first, self.first + len(slots)))
+        self.local = None if dense else self.slots - self.first  # each member's place in the slot range
+        self.with_bias = self.pool.bias is not None and any(s.cache.key_bias is not None for s in members)
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, segments: list[Segment], device: torch.device) -> DecodeGroup | None:
+        pool = next((s.cache.pool for s in segments if s.cache.pool is not None), None)
+        members = [s for s in segments if len(s.positions) == 1 and s.cache.pool is pool is not None
+                   and (s.cache.key_bias is None or s.kv_len - 1 >= s.cache.bias_from)
+                   and (s.cache.key_bias is None or _views(s.cache.key_bias, pool.bias))]
+        while len(members) > 1:
+            slots = [s.cache.slot for s in members]
+            read = (max(slots) - min(slots) + 1) * max(s.kv_len for s in members)
+            if read <= 2 * sum(s.kv_len for s in members):
+                return cls(members, device)
+            members.remove(max(members, key=lambda s: s.kv_len))
+        return None
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [kv_heads, N, D], the whole batch's new rows: the members' go to their slots and positions,
+        and their chunk-scale bias there is cleared (a computed row is fresh)."""
+        self.pool.k[layer][self.slots, :, self.positions] = k[:, self.rows].transpose(0, 1)
+        self.pool.v[layer][self.slots, :, self.positions] = v[:, self.rows].transpose(0, 1)
+        if self.pool.bias is not None:
+            self.pool.bias[layer][self.slots, :, self.positions] = 0.0
+
+    def attend(self, layer: int, q: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+        """q: [q_heads, N, D], the whole batch's queries -> the members' outputs [B, q_heads, D]."""
+        if window not in self._masks:
+            cols = torch.arange(self.kv_len, device=self.lengths.device)
+            visible = cols < self.lengths[:, None]
+            if window is not None:
+                visible &= cols >= (self.lengths - window)[:, None]
+            self._masks[window] = torch.zeros(visible.shape, dtype=q.dtype, device=visible.device) \
+                .masked_fill_(~visible, float("-inf"))[:, None, None]
+        return pooled_decode_attention(self.pool, layer, q[:, self.rows].transpose(0, 1), self.local,
+                                       self._masks[window], self.kv_len, self.first, scale, self.with_bias)
+
+
+def _views(view: torch.Tensor, base: torch.Tensor | None) -> bool:
+    return base is not None and view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
 
 def _attention(cache: KVCache, index: int, q: torch.Tensor, positions: torch.Tensor, scale: float,

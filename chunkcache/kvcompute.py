@@ -5,7 +5,8 @@ import torch
 
 from store import QuantizedKV, quantize_kv
 
-from .forward import KVCache, forward_tokens, new_cache
+from .forward import forward_tokens
+from .kvcache import KVCache, new_cache
 from .models import LoadedModel
 
 # int8 stands for the KIVI-style QuantizedKV entry (int8 codes plus per-channel K, per-token V scales).

@@ -26,7 +26,8 @@ from .config import MODES, ChunkCacheConfig, check_ratio
 from .distributed import RayOptions
 from .engine import Engine, EngineLimits, Ticket, default_kv_bytes
 from .errors import QueryError, RequestCancelled  # noqa: F401  (part of this module's API)
-from .forward import KVCache, forward_batch, forward_tokens, new_cache
+from .forward import forward_batch, forward_tokens
+from .kvcache import KVCache, new_cache
 from .ingest import Chunker, IngestReport, PendingChunk, ensure_prefix, ingest_paths, ingest_texts, store_chunks
 from .kvcompute import chunk_kv, dense_kv, extract_kv, prefix_cache
 from .generation import Generation
@@ -449,13 +450,17 @@ class RAGPipeline:
         """The memory the request's KV cache takes once placed (prompt plus answer)."""
         lm = self.rt.lm
         per_token = kv_bytes_per_token(lm.num_layers, lm.num_kv_heads, lm.head_dim, lm.dtype)
-        return per_token * (staged.layout.num_tokens + staged.req.max_new_tokens)
+        return per_token * self.cache_tokens(staged)
 
-    def _place_kv(self, staged: Staged) -> None:
-        """Allocate the request's cache and fill it from the store (computing misses); decide what the
+    def cache_tokens(self, staged: Staged) -> int:
+        """The rows the request's KV cache needs: prompt plus answer."""
+        return staged.layout.num_tokens + staged.req.max_new_tokens
+
+    def _place_kv(self, staged: Staged, cache: KVCache | None = None) -> None:
+        """Fill the request's cache (`cache`, else a new one) from the store, computing misses; decide what the
         prefill computes: `staged.positions`, or None when the probe pass must choose them first."""
         req, layout = staged.req, staged.layout
-        staged.cache = cache = new_cache(self.rt.lm, layout.num_tokens + req.max_new_tokens)
+        staged.cache = cache = cache if cache is not None else new_cache(self.rt.lm, self.cache_tokens(staged))
         t = time.perf_counter()
         if req.mode == "full":
             prefix_read, hits = False, [False] * len(staged.chunks)
@@ -466,8 +471,8 @@ class RAGPipeline:
         staged.sources = [Source(c.text, c.source, c.score, c.key.hex(), hit) for c, hit in zip(staged.chunks, hits)]
         log_scale = self._chunk_log_scale(req.chunk_scale, req.mode) if req.mode != "full" else None
         if log_scale is not None:
-            cache.key_bias = chunk_key_bias(layout, log_scale, cache.capacity)
-            cache.bias_from = layout.suffix_start if req.scale_queries == "question" else 0
+            cache.set_key_bias(chunk_key_bias(layout, log_scale, cache.capacity),
+                               layout.suffix_start if req.scale_queries == "question" else 0)
         staged.positions = initial_positions(req.mode, layout, self.config.epic_tokens)
         if req.mode == "blend" and req.selection == "probe" and req.selection_scores is None:
             staged.positions = None  # chosen by `_choose_positions`

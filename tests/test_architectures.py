@@ -113,7 +113,8 @@ def transformers_logits(lm, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_full_prefill_equals_transformers(arch_lm):
-    from chunkcache.forward import forward_tokens, new_cache
+    from chunkcache.forward import forward_tokens
+    from chunkcache.kvcache import new_cache
 
     n = 3 * WINDOW + 5
     ids = torch.randint(0, arch_lm.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1))
@@ -122,7 +123,8 @@ def test_full_prefill_equals_transformers(arch_lm):
 
 
 def test_incremental_decode_equals_one_prefill(arch_lm):
-    from chunkcache.forward import forward_tokens, new_cache
+    from chunkcache.forward import forward_tokens
+    from chunkcache.kvcache import new_cache
 
     n = 2 * WINDOW + 8
     ids = torch.randint(0, arch_lm.config.vocab_size, (n,), generator=torch.Generator().manual_seed(2))
@@ -270,7 +272,8 @@ if __name__ == "__main__":
 def test_a_flattened_batch_equals_each_request_alone(arch_lm):
     """The continuous-batching shape: a prompt prefill, a decode step and a mid-prompt continuation
     (with a chunk-scale bias) in one pass give each request's own logits and cache rows."""
-    from chunkcache.forward import forward_batch, forward_tokens, new_cache
+    from chunkcache.forward import forward_batch, forward_tokens
+    from chunkcache.kvcache import new_cache
 
     gen = torch.Generator().manual_seed(4)
     ids = [torch.randint(0, arch_lm.config.vocab_size, (n,), generator=gen) for n in (40, 30, 50)]
@@ -292,3 +295,45 @@ def test_a_flattened_batch_equals_each_request_alone(arch_lm):
     for a, b in zip(alone_caches, batch_caches):
         torch.testing.assert_close(b.k[:, :, :b.length], a.k[:, :, :a.length], rtol=1e-5, atol=1e-5)
         assert a.length == b.length
+
+
+def test_pooled_decode_steps_equal_each_request_alone(arch_lm):
+    """Decode steps whose caches are slots of one KVPool attend in one call per layer (forward.DecodeGroup): with
+    different lengths, a chunk-scale bias on one, a prefill piece in the same pass and a slot left out of the
+    step, each request gets its own logits and rows (sliding windows and soft caps included)."""
+    from chunkcache.forward import RowPass, Segment, forward_batch, forward_tokens
+    from chunkcache.kvcache import KVPool, new_cache
+
+    gen = torch.Generator().manual_seed(7)
+    lengths = (37, 22, 45, 30)
+    ids = [torch.randint(0, arch_lm.config.vocab_size, (n + 1,), generator=gen) for n in lengths]
+
+    def prepared(pool):
+        caches = []
+        for n, x in zip(lengths, ids):
+            cache = pool.take(64, n) if pool is not None else new_cache(arch_lm, 64)
+            forward_tokens(arch_lm, cache, x[:n], torch.arange(n))
+            caches.append(cache)
+        bias = torch.zeros(arch_lm.num_layers, 1, 64)
+        bias[:, :, 5:15] = -0.7
+        bias[:, :, 45] = -0.7  # the row request 2 decodes into: computing it clears its bias
+        caches[2].set_key_bias(bias, 20)
+        work = [(c, x[n:], torch.tensor([n])) for c, n, x in zip(caches, lengths, ids)]
+        work[3] = (caches[3], ids[3][10:30], torch.arange(10, 30))  # a prefill piece, recomputing rows 10..29
+        return caches, work[:1] + work[2:]  # slot 1 sits this step out
+
+    alone_caches, work = prepared(None)
+    alone = torch.stack([forward_tokens(arch_lm, c, t, p).logits for c, t, p in work])
+    pool = KVPool(arch_lm, 4, 64)
+    pooled_caches, work = prepared(pool)
+    rows = RowPass([Segment(c, p, arch_lm.device) for c, _, p in work], probe_layer=None)
+    assert len(rows.group.members) == 2  # the pooled path is the one under test (the prefill piece is alone)
+    pooled, _ = forward_batch(arch_lm, work)
+    torch.testing.assert_close(pooled, alone, rtol=1e-4, atol=1e-4)
+    for a, b in zip(alone_caches, pooled_caches):
+        assert a.length == b.length
+        torch.testing.assert_close(b.k[:, :, :b.length], a.k[:, :, :a.length], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.v[:, :, :b.length], a.v[:, :, :a.length], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled_caches[2].key_bias[:, :, 5:15].expand(-1, arch_lm.num_q_heads, -1),
+                               torch.full((arch_lm.num_layers, arch_lm.num_q_heads, 10), -0.7))
+    assert not pooled_caches[2].key_bias[:, :, 45].any()

@@ -6,7 +6,8 @@ import torch
 
 from blend_kernels import rerotate_keys
 from chunkcache.blend import PromptLayout, initial_positions
-from chunkcache.forward import forward_tokens, new_cache
+from chunkcache.forward import forward_tokens
+from chunkcache.kvcache import new_cache
 from chunkcache.prompt import chunk_token_ids
 
 QUESTION = "Where is Mount Everest?"
@@ -285,7 +286,8 @@ def test_impact_at_layer_zero_is_not_degenerate_with_float32_stores(tiny_pipe, d
 def test_the_forward_pass_keeps_versioned_positions(tiny_lm):
     """chunkcache's rows carry normal (not inference) position tensors, so their range check is
     remembered across layers: an inference tensor would cost a check per layer (a sync on CUDA)."""
-    from chunkcache.forward import Segment, new_cache
+    from chunkcache.forward import Segment
+    from chunkcache.kvcache import new_cache
 
     with torch.inference_mode():
         segment = Segment(new_cache(tiny_lm, 16), torch.arange(4, 9), tiny_lm.device)

@@ -132,10 +132,10 @@ def test_a_failing_prefill_does_not_disturb_the_batch(pipe, monkeypatch):
     expected = [_alone(pipe, q) for q in QUESTIONS[:4]]
     place = pipe._place_kv
 
-    def flaky(staged):
+    def flaky(staged, cache=None):
         if staged.req.question == QUESTIONS[1]:
             raise OSError("disk read failed")
-        place(staged)
+        place(staged, cache)
 
     monkeypatch.setattr(pipe, "_place_kv", flaky)
     tickets = [pipe.submit(q, documents=DOCS) for q in QUESTIONS[:4]]
@@ -163,8 +163,8 @@ def test_a_failing_forward_fails_only_its_request(pipe, monkeypatch):
 
     place = pipe._place_kv
 
-    def mark(staged):
-        place(staged)
+    def mark(staged, cache=None):
+        place(staged, cache)
         if staged.req.question == QUESTIONS[2]:
             poisoned.add(id(staged.cache))
 

@@ -84,7 +84,8 @@ def gemma():
 @pytest.mark.slow
 def test_gemma3_full_prefill_beyond_the_window_equals_transformers(gemma):
     """The real model: 18 layers, 5 of 6 with a 512-token window, two RoPE bases, one KV head."""
-    from chunkcache.forward import forward_tokens, new_cache
+    from chunkcache.forward import forward_tokens
+    from chunkcache.kvcache import new_cache
     from chunkcache.layers import ATTENTION_NAME
 
     assert gemma.config.sliding_window == 512 and len({id(r) for r in gemma.ropes}) == 2

@@ -6,12 +6,14 @@ import logging
 import os
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from chunkcache import Answer, CacheStats, RAGPipeline, Source, Timings
+from chunkcache.engine import Ticket
 from chunkcache.server import Limits, Metrics, NoMetrics, ServerSettings, create_app, parse_api_keys
 
 from store import DiskFullError
@@ -85,6 +87,20 @@ class FakePipeline:
         if self.error is not None:
             raise self.error
         yield fake_answer("partial")
+
+    def submit(self, question, **kwargs):
+        """As the engine does: a real Ticket, filled from another thread."""
+        ticket = Ticket(SimpleNamespace(cancelled=None))
+
+        def run():
+            try:
+                for event in self.events(question, **kwargs):
+                    ticket.put(event)
+            except Exception as exc:
+                ticket.put(exc)
+
+        threading.Thread(target=run, daemon=True).start()
+        return ticket
 
     def query(self, question, **kwargs):
         return [e for e in self.events(question, **kwargs) if isinstance(e, Answer)][0]

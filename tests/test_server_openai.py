@@ -251,10 +251,10 @@ def test_a_batch_survives_a_client_leaving_an_invalid_request_and_a_failing_pref
     alone = {i: ask(i) for i in (0, 2, 3, 5, 6)}
     place = pipe._place_kv
 
-    def failing(staged):
+    def failing(staged, cache=None):
         if staged.req.question == QUESTIONS[7]:
             raise RuntimeError("the disk went away")
-        place(staged)
+        place(staged, cache)
 
     monkeypatch.setattr(pipe, "_place_kv", failing)
     headers = {"Authorization": "Bearer key-plain"}

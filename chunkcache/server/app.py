@@ -27,7 +27,7 @@ from .. import __version__
 from ..answer import Answer
 from ..errors import EngineBusy, EngineClosed, QueryError, RequestCancelled
 from .auth import Authenticator, Caller
-from .bridge import Admission, iterate_in_thread
+from .bridge import Admission, ticket_events
 from .metrics import Metrics, NoMetrics
 from .middleware import BodyLimit, RequestId, RequestMetrics
 from .openai_format import Completion, TextCompletion, embeddings, legacy_logprobs, logprobs as openai_logprobs
@@ -170,7 +170,7 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
         """The events, with the first already produced, so a request the pipeline refuses is an HTTP
         error rather than an event inside a 200 stream."""
         _admit(admission)
-        events = iterate_in_thread(lambda: pipe.events(question, **kwargs), on_done=admission.leave)
+        events = ticket_events(lambda: pipe.submit(question, **kwargs), on_done=admission.leave)
         try:
             first = await events.__anext__()
         except BaseException as exc:

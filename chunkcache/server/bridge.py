@@ -1,61 +1,50 @@
-"""Blocking model work seen from the event loop: a generator run in one worker thread, and admission."""
+"""The engine seen from the event loop: a request's events as an async iterator, and admission."""
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import AsyncIterator, Callable, Iterator, TypeVar
+from typing import AsyncIterator, Callable
 
-T = TypeVar("T")
-_END = object()
+import anyio
+
+from ..answer import Answer
+from ..engine import Ticket
 
 
-async def iterate_in_thread(make: Callable[[], Iterator[T]], on_done: Callable[[], None] = lambda: None
-                            ) -> AsyncIterator[T]:
-    """Yield the items of the blocking generator `make()` without blocking the event loop.
+async def ticket_events(submit: Callable[[], Ticket], on_done: Callable[[], None] = lambda: None) -> AsyncIterator:
+    """The events of the engine ticket that `submit()` returns, without blocking the event loop.
 
-    The generator only waits on its engine ticket; no lock is held across its yields. If the consumer
-    stops early (client gone), the thread closes the generator at its next item, which cancels the
-    request: the engine frees its slot at its next step.
-    `on_done` runs in that thread once the generator is finished or closed.
+    `submit` runs in a worker thread (it validates and tokenizes). Then the engine thread hands each event
+    straight to this loop (`Ticket.stream_to`): no thread waits on the stream. If the consumer stops early
+    (client gone), the ticket is cancelled and the engine frees its slot at its next step. `on_done` runs
+    once the stream is finished or closed (or `submit` failed).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
+    try:
+        ticket = await anyio.to_thread.run_sync(submit)
+    except BaseException:
+        on_done()
+        raise
 
-    def put(item, error=None) -> None:
+    def deliver(item) -> None:
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, (item, error))
+            loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            stop.set()
+            ticket.cancel()
 
-    def produce() -> None:
-        try:
-            gen = make()
-            try:
-                for item in gen:
-                    if stop.is_set():
-                        break
-                    put(item)
-            finally:
-                gen.close()
-        except BaseException as exc:  # handed to the consumer, which raises it
-            put(_END, exc)
-        else:
-            put(_END)
-        finally:
-            on_done()
-
-    threading.Thread(target=produce, name="chunkcache-stream", daemon=True).start()
+    ticket.stream_to(deliver)
     try:
         while True:
-            item, error = await queue.get()
-            if item is _END:
-                if error is not None:
-                    raise error
-                return
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
             yield item
+            if isinstance(item, Answer):
+                return
     finally:
-        stop.set()
+        ticket.cancel()
+        on_done()
 
 
 class Admission:
