@@ -272,3 +272,46 @@ def test_a_script_that_never_closes_its_pipeline_exits_cleanly(tmp_path):
                            "max_new_tokens=2).token_ids))"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "terminate called" not in done.stderr and int(done.stdout.split()[-1]) > 0
+
+
+def test_a_longer_request_grows_the_pool_under_a_decoding_one(pipe, monkeypatch):
+    """The pool's slots are sized by the longest request so far (plus a quarter); a longer one resizes it, copying
+    the running requests' rows: their answers are unchanged."""
+    from chunkcache.kvcache import KVPool
+
+    short, long = dict(max_new_tokens=40), dict(max_new_tokens=300)
+    alone = [_alone(pipe, QUESTIONS[0], **short), _alone(pipe, QUESTIONS[1], **long)]
+    resized = []
+    grow = KVPool.resized
+    monkeypatch.setattr(KVPool, "resized", lambda pool, *a: resized.append(pool.in_use) or grow(pool, *a))
+    from chunkcache.engine import Engine
+
+    decoding, go_on = threading.Event(), threading.Event()
+    emit = Engine._emit
+
+    def emit_then_hold(engine, active, pieces):  # the short request's first token holds the engine
+        emit(engine, active, pieces)
+        if not decoding.is_set():
+            decoding.set()
+            assert go_on.wait(10)
+
+    monkeypatch.setattr(Engine, "_emit", emit_then_hold)
+    pipe.engine._pool = None  # as after an idle while: the short request sizes a new pool
+    first = pipe.submit(QUESTIONS[0], documents=DOCS, **short)
+    assert decoding.wait(10)
+    second = pipe.submit(QUESTIONS[1], documents=DOCS, **long)
+    go_on.set()
+    answers = [list(first)[-1], list(second)[-1]]
+    assert resized and resized[0] == 1  # grown while the short request held its slot
+    assert [a.token_ids for a in answers] == [a.token_ids for a in alone]
+
+
+def test_an_idle_engine_gives_its_pool_back(pipe, monkeypatch):
+    import chunkcache.engine
+
+    monkeypatch.setattr(chunkcache.engine, "POOL_IDLE_S", 0.05)
+    pipe.query(QUESTIONS[0], documents=DOCS)
+    deadline = time.monotonic() + 5
+    while pipe.engine._pool is not None:
+        assert time.monotonic() < deadline, "the idle engine kept its KV pool"
+        time.sleep(0.01)
