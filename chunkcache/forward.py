@@ -5,7 +5,9 @@ calls the Hugging Face model's own decoder layers one at a time (chunkcache/laye
 what lets a subset of tokens continue past the check layer while the others keep their cached KV.
 A layer writes its K/V and attends through `RowPass`: rows go to their positions in the request
 cache, and each query sees exactly the rows at positions <= its own (within the layer's sliding
-window), with the chunk-scale bias. That tensor work goes through `blend_kernels`.
+window), with the chunk-scale bias. That tensor work goes through `blend_kernels`. The decode steps of
+requests whose caches are slots of one pool (the engine's) write and attend together, one call per
+layer (`DecodeGroup`).
 """
 from __future__ import annotations
 
