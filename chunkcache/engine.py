@@ -5,8 +5,9 @@ step of the loop
   1. admits waiting requests while the limits allow: at most `max_running` admitted at once, and
      their KV caches within `max_kv_bytes` (a request that does not fit waits for memory rather than
      exhausting it). A cache is a slot of the engine's KV pool (chunkcache/kvcache.py), so that the
-     decode steps attend in one call per layer. Admission retrieves, lays the prompt out and places the cached chunk KVs; the
-     probe selection's reuse passes of the new requests then run as one batch;
+     decode steps attend in one call per layer. Admission retrieves, lays the prompt out and places
+     the cached chunk KVs; the probe selection's reuse passes of the new requests then run as one
+     batch;
   2. runs one flattened forward (`forward_batch`): the next token of every decoding request, plus
      prefill pieces of the admitted ones, up to `max_batched_tokens` rows in all. A long prefill
      is split over several steps (chunked prefill) so that it does not freeze everyone's decode;
