@@ -69,7 +69,8 @@ def run_level(url: str, clients: int, args: argparse.Namespace) -> dict:
 
 def _clients(url: str, payloads: list[list[dict]]) -> dict:
     """In the clients' process: client i sends payloads[i], back to back."""
-    return closed_loop(url, len(payloads), len(payloads[0]), lambda http, index, n: stream_query(http, payloads[index][n]))
+    return closed_loop(url, len(payloads), len(payloads[0]),
+                       lambda http, index, n: stream_query(http, payloads[index][n]))
 
 
 def closed_loop(url: str, clients: int, requests: int, send) -> dict:

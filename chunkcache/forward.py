@@ -154,7 +154,8 @@ class RowPass(Cache):
             raise ValueError("selective recompute narrows one request at a time")
         for s in segments:
             if s.kv_len > s.cache.capacity:
-                raise ValueError(f"position {s.kv_len - 1} is past the end of a request cache of {s.cache.capacity} rows")
+                raise ValueError(f"position {s.kv_len - 1} is past the end of a request cache of "
+                                 f"{s.cache.capacity} rows")
         self.group = DecodeGroup.of(segments, segments[0].positions.device) if not attention_mass else None
         self.alone = [s for s in segments if self.group is None or s not in self.group.members]
         self.probe_layer = probe_layer
