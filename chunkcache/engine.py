@@ -116,9 +116,8 @@ class Ticket:
 
     def stream_to(self, sink: Callable[[object], None]) -> None:
         """Hand every event (those already queued first, in order) to `sink` instead of the iterator. The engine
-        thread calls it, so it must only hand the item over (an event loop's call_soon_threadsafe): a server
-        then needs no thread per stream waking for every token (with 8 streams those wake-ups took the
-        engine thread's GIL often enough to slow each decode step by a fifth)."""
+        thread calls `sink`, so it must only hand the item over (an event loop's call_soon_threadsafe): a
+        server then needs no thread per stream, waking for every token and taking the GIL from the engine."""
         with self._sink_lock:
             while True:
                 try:
@@ -237,6 +236,8 @@ class Engine:
             self._waiting.clear()
         for active in self._active:
             active.ticket.put(closed)
+        self._release(list(self._active))
+        self._pool = None
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -319,16 +320,20 @@ class Engine:
         """The request's cache: a slot of the pool, which grows (by a quarter more than asked, so that the
         next slightly longer prompt fits too) while memory allows; else a cache of its own; else None (it waits).
         The pool has a slot per running request, so a free one is there whenever admission is."""
-        pool, lm, limit = self._pool, self.pipe.rt.lm, self.limits.max_kv_bytes
+        lm, limit = self.pipe.rt.lm, self.limits.max_kv_bytes
         tokens = self.pipe.cache_tokens(staged)
         prompt = staged.layout.num_tokens
-        if pool is not None and pool.has_room(tokens):
-            return pool.take(tokens, prompt)
+        if self._pool is not None and self._pool.has_room(tokens):
+            return self._pool.take(tokens, prompt)
+        if self._pool is not None and self._pool.in_use == 0:
+            self._pool = None  # too small and empty: size a new one (holding it could starve this request)
+        pool = self._pool
         per_slot_token = pool_bytes_per_slot_token(lm)
         slots = self.limits.max_running
+        held = pool.nbytes if pool is not None else 0  # a resize holds the old pool until it has copied it
         for capacity in (_round_up(tokens * 5 // 4, 64), tokens):
             capacity = max(capacity, pool.capacity if pool is not None else 0)
-            if self._private_bytes + slots * capacity * per_slot_token <= limit:
+            if self._private_bytes + held + slots * capacity * per_slot_token <= limit:
                 self._pool = KVPool(lm, slots, capacity) if pool is None else pool.resized(lm, capacity)
                 return self._pool.take(tokens, prompt)
         if self._kv_in_use() + need <= limit:

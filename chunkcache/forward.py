@@ -21,7 +21,7 @@ from transformers import Cache
 
 from blend_kernels import position_causal_attention, scatter_rows
 
-from .kvcache import KVCache, pooled_decode_attention
+from .kvcache import KVCache, decode_mask, pooled_decode_attention, views_of
 from .layers import ROWS_KWARG
 from .models import LoadedModel
 
@@ -264,8 +264,9 @@ class DecodeGroup:
     def of(cls, segments: list[Segment], device: torch.device) -> DecodeGroup | None:
         pool = next((s.cache.pool for s in segments if s.cache.pool is not None), None)
         members = [s for s in segments if len(s.positions) == 1 and s.cache.pool is pool is not None
+                   and s.kv_len - 1 >= s.cache.prompt_rows  # a decode step, not a one-row prefill piece
                    and (s.cache.key_bias is None or s.kv_len - 1 >= s.cache.bias_from)
-                   and (s.cache.key_bias is None or _views(s.cache.key_bias, pool.bias))]
+                   and (s.cache.key_bias is None or views_of(s.cache.key_bias, pool.bias))]
         while len(members) > 1:
             slots = [s.cache.slot for s in members]
             read = (max(slots) - min(slots) + 1) * max(s.kv_len for s in members)
@@ -285,18 +286,12 @@ class DecodeGroup:
     def attend(self, layer: int, q: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
         """q: [q_heads, N, D], the whole batch's queries -> the members' outputs [B, q_heads, D]."""
         if window not in self._masks:
-            cols = torch.arange(self.kv_len, device=self.lengths.device)
-            visible = cols < self.lengths[:, None]
-            if window is not None:
-                visible &= cols >= (self.lengths - window)[:, None]
-            self._masks[window] = torch.zeros(visible.shape, dtype=q.dtype, device=visible.device) \
-                .masked_fill_(~visible, float("-inf"))[:, None, None]
-        return pooled_decode_attention(self.pool, layer, q[:, self.rows].transpose(0, 1), self.local,
-                                       self._masks[window], self.kv_len, self.first, scale, self.with_bias)
-
-
-def _views(view: torch.Tensor, base: torch.Tensor | None) -> bool:
-    return base is not None and view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+            self._masks[window] = decode_mask(self.lengths, self.kv_len, window, q.dtype)
+        span = slice(self.first, self.first + len(self.lengths))
+        bias = self.pool.bias[layer, span, :, :self.kv_len] if self.with_bias else None
+        return pooled_decode_attention(q[:, self.rows].transpose(0, 1), self.pool.k[layer, span, :, :self.kv_len],
+                                       self.pool.v[layer, span, :, :self.kv_len], self._masks[window], bias,
+                                       self.local, scale)
 
 
 def _attention(cache: KVCache, index: int, q: torch.Tensor, positions: torch.Tensor, scale: float,

@@ -33,11 +33,15 @@ class KVCache:
     # q_heads, capacity] added to the attention logits of every query at a position >= bias_from,
     # so log(S) on a reused chunk's stale rows scales their attention mass by S. A row computed
     # in a layer is fresh there, and its bias is cleared. None: plain attention. Set it with
-    # `set_key_bias` (a pooled cache keeps it in its pool).
+    # `set_key_bias` (a pooled cache keeps it in its pool, per query head).
     key_bias: torch.Tensor | None = None
     bias_from: int = 0
     pool: KVPool | None = None  # the pool this cache is a slot of (k, v and key_bias are views of it)
     slot: int = -1
+    # Rows [0, prompt_rows) are the prompt's: its owner writes them (placing, prefill) before it decodes,
+    # and until then they may hold anything. A pooled decode step reads a slot's rows past its own
+    # position (masked), which is safe only beyond them: `take` zeroed those.
+    prompt_rows: int = 0
 
     @property
     def capacity(self) -> int:
@@ -107,13 +111,17 @@ class KVPool:
         if self.bias is not None:
             self.bias[:, slot].zero_()
         cache = self._caches[slot] = KVCache(self.k[:, slot, :, :capacity], self.v[:, slot, :, :capacity],
-                                             pool=self, slot=slot)
+                                             pool=self, slot=slot, prompt_rows=written_below)
         return cache
 
     def release(self, cache: KVCache) -> None:
-        if cache.pool is self and self._caches[cache.slot] is cache:
-            self._caches[cache.slot] = None
-            cache.pool = None
+        """The slot goes back; the cache no longer views it (a late write through it fails rather than landing
+        in the next owner's rows)."""
+        if cache.pool is not self or self._caches[cache.slot] is not cache:
+            raise ValueError(f"this cache is not slot {cache.slot} of this pool (released already?)")
+        self._caches[cache.slot] = None
+        cache.pool, cache.key_bias = None, None
+        cache.k = cache.v = self.k.new_empty(0)
 
     def store_bias(self, slot: int, bias: torch.Tensor) -> torch.Tensor:
         """Copy a request's chunk-scale bias into its slot -> the slot's view [layers, q_heads, capacity]."""
@@ -142,6 +150,8 @@ class KVPool:
         for slot, cache in enumerate(self._caches):
             if cache is None:
                 continue
+            if cache.key_bias is not None and not views_of(cache.key_bias, self.bias):
+                raise ValueError("a pooled cache's key_bias must be set with set_key_bias (it lives in the pool)")
             rows = cache.capacity
             cache.k, cache.v = grown.k[:, slot, :, :rows], grown.v[:, slot, :, :rows]
             if cache.key_bias is not None:
@@ -152,21 +162,34 @@ class KVPool:
         return grown
 
 
-def pooled_decode_attention(pool: KVPool, layer: int, q: torch.Tensor, local: torch.Tensor | None, mask: torch.Tensor,
-                            kv_len: int, first_slot: int, scale: float, with_bias: bool) -> torch.Tensor:
-    """One query for each of B slots in [first_slot, first_slot + R) over layer `layer` of the pool, in one call.
+def views_of(view: torch.Tensor, base: torch.Tensor | None) -> bool:
+    """Whether `view` shares `base`'s storage (a slot's view of its pool)."""
+    return base is not None and view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
-    q: [B, q_heads, D]; local: int64 [B], each query's slot - first_slot (None: the B queries are the R slots,
-    in order); mask: additive [R, 1, 1, kv_len] in q's dtype, 0 where a slot's query sees the row and -inf
-    elsewhere (past its own position, outside its window; a slot without a query sees row 0 only). With
-    `with_bias`, each slot's chunk-scale bias is added. -> [B, q_heads, D]: what `forward._attention` gives
-    each query alone, up to rounding.
+
+def decode_mask(lengths: torch.Tensor, kv_len: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of one decode query per slot: lengths int64 [R] (the query sits at row length - 1)
+    -> [R, 1, 1, kv_len], 0 on the rows it sees (within `window` of its own, if any) and -inf elsewhere."""
+    cols = torch.arange(kv_len, device=lengths.device)
+    visible = cols < lengths[:, None]
+    if window is not None:
+        visible &= cols >= (lengths - window)[:, None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=lengths.device).masked_fill_(~visible, float("-inf"))
+    return mask[:, None, None]
+
+
+def pooled_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                            bias: torch.Tensor | None, local: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One query for each of B slots of a range of R, over their rows of one layer, in one call.
+
+    q: [B, q_heads, D]; k, v: [R, kv_heads, kv_len, D] (the range's slots of the pool, up to the longest
+    member's row); mask: `decode_mask` [R, 1, 1, kv_len] (a slot without a query sees row 0 only); bias:
+    the range's chunk-scale bias fp32 [R, q_heads, kv_len] or None; local: int64 [B], each query's slot
+    within the range (None: the B queries are the R slots, in order).
+    -> [B, q_heads, D]: what `forward._attention` gives each query alone, up to rounding.
     """
-    rows = mask.shape[0]
-    k = pool.k[layer, first_slot:first_slot + rows, :, :kv_len]
-    v = pool.v[layer, first_slot:first_slot + rows, :, :kv_len]
-    if with_bias:
-        mask = (mask + pool.bias[layer, first_slot:first_slot + rows, :, None, :kv_len]).to(q.dtype)
-    queries = q if local is None else q.new_zeros((rows,) + q.shape[1:]).index_copy_(0, local, q)
+    if bias is not None:
+        mask = (mask + bias[:, :, None]).to(q.dtype)
+    queries = q if local is None else q.new_zeros((k.shape[0],) + q.shape[1:]).index_copy_(0, local, q)
     out = F.scaled_dot_product_attention(queries[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[:, :, 0] if local is None else out[local, :, 0]

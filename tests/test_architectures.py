@@ -305,7 +305,7 @@ def test_pooled_decode_steps_equal_each_request_alone(arch_lm):
     from chunkcache.kvcache import KVPool, new_cache
 
     gen = torch.Generator().manual_seed(7)
-    lengths = (37, 22, 45, 30)
+    lengths = (37, 22, 45, 30, 12)
     ids = [torch.randint(0, arch_lm.config.vocab_size, (n + 1,), generator=gen) for n in lengths]
 
     def prepared(pool):
@@ -314,20 +314,27 @@ def test_pooled_decode_steps_equal_each_request_alone(arch_lm):
             cache = pool.take(64, n) if pool is not None else new_cache(arch_lm, 64)
             forward_tokens(arch_lm, cache, x[:n], torch.arange(n))
             caches.append(cache)
+        # The last request is prefilling one row at a time: its row 11 is computed now, row 12 on is
+        # unwritten prompt (NaN, as a reused buffer may hold). It must not join the decode steps' call.
+        caches[4].k[:, :, 11:13] = caches[4].v[:, :, 11:13] = float("nan")
+        caches[4].prompt_rows = 13
         bias = torch.zeros(arch_lm.num_layers, 1, 64)
         bias[:, :, 5:15] = -0.7
         bias[:, :, 45] = -0.7  # the row request 2 decodes into: computing it clears its bias
         caches[2].set_key_bias(bias, 20)
         work = [(c, x[n:], torch.tensor([n])) for c, n, x in zip(caches, lengths, ids)]
         work[3] = (caches[3], ids[3][10:30], torch.arange(10, 30))  # a prefill piece, recomputing rows 10..29
+        work[4] = (caches[4], ids[4][11:12], torch.tensor([11]))  # a one-row prefill piece
         return caches, work[:1] + work[2:]  # slot 1 sits this step out
 
     alone_caches, work = prepared(None)
     alone = torch.stack([forward_tokens(arch_lm, c, t, p).logits for c, t, p in work])
-    pool = KVPool(arch_lm, 4, 64)
+    pool = KVPool(arch_lm, 5, 64)
+    pool.k.fill_(float("nan"))  # what a reused buffer may hold: take() must leave no NaN where a decode reads
+    pool.v.fill_(float("nan"))
     pooled_caches, work = prepared(pool)
     rows = RowPass([Segment(c, p, arch_lm.device) for c, _, p in work], probe_layer=None)
-    assert len(rows.group.members) == 2  # the pooled path is the one under test (the prefill piece is alone)
+    assert len(rows.group.members) == 2  # the pooled path is the one under test (the prefill pieces are alone)
     pooled, _ = forward_batch(arch_lm, work)
     torch.testing.assert_close(pooled, alone, rtol=1e-4, atol=1e-4)
     for a, b in zip(alone_caches, pooled_caches):

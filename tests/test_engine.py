@@ -308,10 +308,44 @@ def test_a_longer_request_grows_the_pool_under_a_decoding_one(pipe, monkeypatch)
 
 def test_an_idle_engine_gives_its_pool_back(pipe, monkeypatch):
     import chunkcache.engine
+    from chunkcache.kvcache import KVPool
 
     monkeypatch.setattr(chunkcache.engine, "POOL_IDLE_S", 0.05)
+    pools = []
+    monkeypatch.setattr(chunkcache.engine, "KVPool", lambda *a: pools.append(KVPool(*a)) or pools[-1])
     pipe.query(QUESTIONS[0], documents=DOCS)
+    assert pools, "the request's cache was no pool slot"
     deadline = time.monotonic() + 5
     while pipe.engine._pool is not None:
         assert time.monotonic() < deadline, "the idle engine kept its KV pool"
         time.sleep(0.01)
+
+
+def test_a_request_the_pool_cannot_grow_to_is_served_once_the_pool_empties(tmp_path, tiny_lm, hash_embedder, pipe):
+    """A short request sizes the pool; a long one fits the memory limit alone but neither beside the pool nor as
+    a grown pool. It waits while the short one runs, then the emptied pool gives way (it once starved)."""
+    from chunkcache.engine import _round_up
+    from chunkcache.kvcache import pool_bytes_per_slot_token
+
+    def staged(max_new):
+        return pipe._plan(pipe._request(QUESTIONS[0], None, DOCS, "blend", None, max_new, 0.0, 1.0, 0, None, None))
+
+    per_slot_token = pool_bytes_per_slot_token(tiny_lm)
+    short_pool = 2 * _round_up(pipe.cache_tokens(staged(4)) * 5 // 4, 64) * per_slot_token
+    prompt = staged(4).layout.num_tokens
+    long_tokens = pipe.cache_tokens(staged(4)) * 4
+    long_need = pipe.kv_bytes(staged(long_tokens - prompt))
+    limit = short_pool + long_need // 2
+    assert short_pool + long_need > limit >= long_need and 2 * long_tokens * per_slot_token > limit
+    p = open_tiny_pipe(tmp_path / "tight", tiny_lm, hash_embedder, max_kv_bytes=limit, max_running=2)
+    try:
+        short = p.submit(QUESTIONS[0], documents=DOCS, max_new_tokens=4)
+        long = p.submit(QUESTIONS[0], documents=DOCS, max_new_tokens=long_tokens - prompt)
+        done = []
+        reader = threading.Thread(target=lambda: done.extend([list(short)[-1], list(long)[-1]]), daemon=True)
+        reader.start()
+        reader.join(60)
+        assert len(done) == 2 and all(a.text for a in done), "the long request never got its memory"
+        assert p.engine.counts().kv_bytes == 0
+    finally:
+        p.close()

@@ -24,7 +24,10 @@ def test_a_slot_is_a_view_of_the_pool_and_its_unwritten_rows_are_zero(tiny_lm):
     pool.take(8, 8)
     assert not pool.has_room(1)
     pool.release(first)
-    assert pool.in_use == 2 and first.pool is None and pool.take(8, 8).slot == 0  # lowest slot first
+    assert pool.in_use == 2 and first.pool is None and first.k.numel() == 0  # it no longer views the slot
+    with pytest.raises(ValueError, match="released already"):
+        pool.release(first)
+    assert pool.take(8, 8).slot == 0  # lowest slot first
     with pytest.raises(ValueError, match="no free slot"):
         pool.take(8, 8)
 
@@ -70,3 +73,14 @@ def test_a_ticket_streams_its_queued_events_first_then_the_rest_in_order():
     ticket.stream_to(seen.append)
     ticket.put("c")
     assert seen == ["a", "b", "c"]
+
+
+def test_the_decode_mask_sees_each_row_up_to_its_own_within_the_window():
+    from chunkcache.kvcache import decode_mask
+
+    mask = decode_mask(torch.tensor([3, 1, 5]), 5, None, torch.float32)[:, 0, 0]
+    assert (mask == 0).tolist() == [[True, True, True, False, False], [True, False, False, False, False],
+                                    [True, True, True, True, True]]
+    windowed = decode_mask(torch.tensor([5, 2]), 5, 2, torch.float32)[:, 0, 0]
+    assert (windowed == 0).tolist() == [[False, False, False, True, True], [True, True, False, False, False]]
+    assert windowed[0, 0] == float("-inf")

@@ -84,7 +84,8 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
     """The HTTP app over one pipeline.
 
     Args:
-        pipeline: a RAGPipeline (anything with its `query` and `events`), served at once; or a
+        pipeline: a RAGPipeline (anything with its `query` and `submit`, which returns an engine
+            `Ticket`), served at once; or a
             zero-argument callable that builds one, called at start-up (lifespan) in a worker thread
             while /healthz answers 503. A pipeline built here is closed at shutdown.
         settings: limits, API keys, tenancy (default: ServerSettings(), no authentication).
@@ -97,7 +98,7 @@ def create_app(pipeline, settings: ServerSettings | None = None, metrics: Metric
     models = request_models(settings.limits)
     QueryRequest, ChatCompletionRequest, CompletionRequest = models.query, models.chat, models.completion
     EmbeddingRequest, TokenizeRequest, DetokenizeRequest = models.embedding, models.tokenize, models.detokenize
-    factory = None if hasattr(pipeline, "events") else pipeline
+    factory = None if hasattr(pipeline, "submit") else pipeline
     service = Service(pipeline=None if factory else pipeline, owns_pipeline=factory is not None)
 
     @contextlib.asynccontextmanager

@@ -21,9 +21,17 @@ async def ticket_events(submit: Callable[[], Ticket], on_done: Callable[[], None
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    submitted: list[Ticket] = []
+
+    def submit_and_keep() -> Ticket:
+        submitted.append(submit())
+        return submitted[0]
+
     try:
-        ticket = await anyio.to_thread.run_sync(submit)
-    except BaseException:
+        ticket = await anyio.to_thread.run_sync(submit_and_keep)
+    except BaseException:  # a failed submit, or this task cancelled (the thread may still have submitted)
+        for orphan in submitted:
+            orphan.cancel()
         on_done()
         raise
 
