@@ -153,6 +153,7 @@ class EngineCounts:
     running: int  # admitted: prefilling or decoding
     waiting: int
     kv_bytes: int  # the admitted requests' KV caches (their pool slots and caches of their own)
+    kv_allocated_bytes: int  # KV memory allocated: the whole pool (free slots too) and the caches of their own
     steps: int  # forwards run so far
     peak_batch: int  # the most requests one forward has served
 
@@ -202,7 +203,8 @@ class Engine:
 
     def counts(self) -> EngineCounts:
         with self._cv:
-            return EngineCounts(len(self._active), len(self._waiting), self._kv_held(), self._steps, self._peak_batch)
+            return EngineCounts(len(self._active), len(self._waiting), self._kv_held(), self._kv_in_use(), self._steps,
+                                self._peak_batch)
 
     def close(self) -> None:
         """Stop the loop after its current step; requests still queued or running get EngineClosed."""

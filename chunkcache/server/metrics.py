@@ -59,6 +59,8 @@ class Metrics:
         self.waiting = Gauge("chunkcache_num_requests_waiting", "Requests queued for the engine", registry=r)
         self.kv_bytes = Gauge("chunkcache_kv_cache_bytes", "KV cache memory held by the admitted requests",
                               registry=r)
+        self.kv_allocated = Gauge("chunkcache_kv_cache_allocated_bytes", "KV cache memory allocated: the engine's "
+                                  "whole pool (free slots included; given back after 2 s idle)", registry=r)
         self.queue_time = Histogram("chunkcache_request_queue_time_seconds", "Time a request waited for the engine",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("chunkcache_inter_token_latency_seconds",
@@ -98,6 +100,7 @@ class Metrics:
         self.running.set(counts.running)
         self.waiting.set(counts.waiting)
         self.kv_bytes.set(counts.kv_bytes)
+        self.kv_allocated.set(counts.kv_allocated_bytes)
 
     def observe_cancelled(self) -> None:
         self.cancelled.inc()
