@@ -12,11 +12,19 @@ it teacher-forced (`bench.calibrate`'s differentiable reuse forward, checked aga
 Each way with no attention scale, the model's calibrated per-layer table and a few uniform S. The
 first chunk is exact where it sits in both (it follows the prefix), so only chunks 2..k differ.
 Choose among the variants on the fit half (0-24) and read the held-out half (25-49).
+
+With `--modes` (bench.run's mode names), the same enriched entries go through the real pipeline instead:
+each mode runs teacher-forced as `bench.run --forced-only` runs it, with the store's entries for chunks
+2..k swapped for the enriched ones as they are placed (so blend's selection and recompute see them):
+
+    python -m bench.enriched --questions 0-24 --modes blend-0.15-probe,blend-0.15-probe-s0.85
+
 This is a benchmark: nothing of it runs in a query.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -29,6 +37,7 @@ import torch
 from bench.calibrate import evaluate, load_sample, parse_range
 from bench.data import DEFAULT_DATA, load_questions
 from bench.reference import CACHE_ROOT, ensure_references, open_bench_pipeline
+from bench.run import parse_mode, run_mode
 
 RESULTS_DIR = Path(__file__).parent / "results" / "fidelity"
 UNIFORM_S = (0.35, 0.5, 0.7, 0.85)
@@ -43,28 +52,69 @@ def neighbours(pipe, texts: list[str]) -> list[int]:
 
 
 @torch.inference_mode()
-def enriched_context(pipe, sample, prompt_ids: torch.Tensor, layout, neighbour_ids: list[torch.Tensor]):
-    """The sample with chunks 2..k recomputed after [prefix, neighbour_ids[i]] and placed where they sit."""
+def enriched_entry(pipe, prefix_ids: list[int], neighbour_ids: torch.Tensor, chunk_ids: torch.Tensor) -> torch.Tensor:
+    """The chunk's KV computed after [prefix, neighbour], as a store entry would hold it: [2, layers, kv_heads,
+    n, D] in the store's dtype, keys re-rotated to the positions right after the prefix (where a plain entry
+    was computed), so the pipeline places it like any other."""
     from chunkcache.forward import forward_tokens
     from chunkcache.kvcompute import prefix_cache
     from chunkcache.rope import rerotate_layers
 
     lm = pipe.rt.lm
-    starts, lens = layout.chunk_starts, layout.chunk_lens
-    p = starts[0]
+    p, m, n = len(prefix_ids), len(neighbour_ids), len(chunk_ids)
+    scratch = prefix_cache(lm, prefix_ids, p + m + n)
+    forward_tokens(lm, scratch, torch.cat((neighbour_ids, chunk_ids)), torch.arange(p, p + m + n))
+    rows = slice(p + m, p + m + n)
+    keys = torch.empty_like(scratch.k[:, :, rows])
+    rerotate_layers(scratch.k[:, :, rows].clone(), torch.full((n,), -m), lm.ropes, out=keys)
+    return torch.stack((keys, scratch.v[:, :, rows])).to("cpu", pipe.rt.kv_dtype)
+
+
+def enriched_entries(pipe, q, neighbour_of: dict[str, str]) -> tuple[dict[int, torch.Tensor], object, torch.Tensor]:
+    """{prompt position of chunk i: its enriched entry} for chunks 2..k of q's prompt (the first follows the
+    prefix where it sits: its plain entry is exact), with the prompt's layout and token ids."""
+    req = pipe._request(q.question, None, list(q.documents), "reuse", None, 1, 0.0, 1.0, 0, None, None)
+    staged = pipe._plan(req)
+    layout, ids = staged.layout, staged.prompt_ids
+    if len(layout.chunk_starts) != len(q.documents):
+        raise SystemExit(f"{q.id}: a passage spans several chunks; this benchmark expects one chunk each")
+    prefix = ids[:layout.chunk_starts[0]].tolist()
+    entries = {}
+    for start, n, text in list(zip(layout.chunk_starts, layout.chunk_lens, q.documents))[1:]:
+        neighbour = torch.tensor(pipe.tokenize(neighbour_of[text]), dtype=torch.long)
+        entries[start] = enriched_entry(pipe, prefix, neighbour, ids[start:start + n])
+    return entries, layout, ids
+
+
+def enriched_context(pipe, sample, entries: dict[int, torch.Tensor], prefix_len: int):
+    """The reuse sample with its chunks 2..k taken from `entries`, placed where they sit."""
+    from chunkcache.rope import rerotate_layers
+
     k, v = sample.ctx_k.clone(), sample.ctx_v.clone()
-    for i in range(1, len(starts)):
-        nb, chunk = neighbour_ids[i], prompt_ids[starts[i]:starts[i] + lens[i]]
-        m, n = len(nb), lens[i]
-        scratch = prefix_cache(lm, prompt_ids[:p].tolist(), p + m + n)
-        forward_tokens(lm, scratch, torch.cat((nb, chunk)), torch.arange(p, p + m + n))
-        rows = slice(p + m, p + m + n)
-        store_dtype = pipe.rt.kv_dtype  # rounded as a store entry would be
-        rerotate_layers(scratch.k[:, :, rows].to(store_dtype).float(), torch.full((n,), starts[i] - (p + m)),
-                        lm.ropes, out=k[:, :, starts[i]:starts[i] + n])
-        v[:, :, starts[i]:starts[i] + n] = scratch.v[:, :, rows].to(store_dtype).float()
+    for start, entry in entries.items():
+        n = entry.shape[3]
+        rerotate_layers(entry[0].float(), torch.full((n,), start - prefix_len), pipe.rt.lm.ropes,
+                        out=k[:, :, start:start + n])
+        v[:, :, start:start + n] = entry[1].float()
     sample.ctx_k, sample.ctx_v = k, v
     return sample
+
+
+@contextlib.contextmanager
+def placing(entries: dict[int, torch.Tensor]):
+    """Within: the pipeline places `entries` (by prompt position) instead of what its store read returned."""
+    from chunkcache.pipeline import RAGPipeline
+
+    place = RAGPipeline._place
+
+    def enriched_place(pipe, entry, start, layout, cache):
+        return place(pipe, entries.get(start, entry), start, layout, cache)
+
+    RAGPipeline._place = enriched_place
+    try:
+        yield
+    finally:
+        RAGPipeline._place = place
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", default="0-49")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--modes", default="",
+                   help="pipeline modes (bench.run's names) to run over the enriched entries, teacher-forced, "
+                        "instead of the offline reuse forward (e.g. blend-0.15-probe,blend-0.15-probe-s0.85)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     a = p.parse_args(argv)
+    specs = [parse_mode(name) for name in a.modes.split(",") if name]
     ids = parse_range(a.questions)
     corpus_questions = load_questions(a.data)
     questions = [corpus_questions[i] for i in ids]
@@ -92,19 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for number, q in zip(ids, questions):
             ref = ensure_references(pipe, [q], CACHE_ROOT / lm.fingerprint[:16])[0]
-            req = pipe._request(q.question, None, list(q.documents), "reuse", None, 1, 0.0, 1.0, 0, None, None)
-            prep = pipe._prepare(req)
-            if len(prep.layout.chunk_starts) != len(q.documents):
-                raise SystemExit(f"{q.id}: a passage spans several chunks; this benchmark expects one chunk each")
-            nb_ids = [torch.tensor(pipe.tokenize(neighbour_of[text]), dtype=torch.long)
-                      for text in q.documents]
-            ways = {"base": load_sample(pipe, q, ref),
-                    "enriched": enriched_context(pipe, load_sample(pipe, q, ref), prep.prompt_ids, prep.layout, nb_ids)}
+            entries, layout, _ = enriched_entries(pipe, q, neighbour_of)
             row = {"question": number, "id": q.id}
-            for way, sample in ways.items():
-                for name, log_scale in scales.items():
-                    r = evaluate(lm, [sample], log_scale)
-                    row[f"{way} {name}"] = {"kl": r["kl_mean"], "top1": r["top1"]}
+            if not a.modes:
+                ways = {"base": load_sample(pipe, q, ref),
+                        "enriched": enriched_context(pipe, load_sample(pipe, q, ref), entries, layout.chunk_starts[0])}
+                for way, sample in ways.items():
+                    for name, log_scale in scales.items():
+                        r = evaluate(lm, [sample], log_scale)
+                        row[f"{way} {name}"] = {"kl": r["kl_mean"], "top1": r["top1"]}
+            with placing(entries):
+                for spec in specs:
+                    got = run_mode(pipe, q, spec, list(ref["forced_ids"]), ref["reference"], ref["full_answer"],
+                                   len(ref["forced_ids"]), free_running=False)
+                    row[f"enriched {spec.name}"] = {"kl": got["kl_mean"], "top1": got["top1"]}
             rows.append(row)
             print(number, " ".join(f"{k}: {v['kl']:.4f}" for k, v in row.items() if isinstance(v, dict)),
                   file=sys.stderr, flush=True)
@@ -112,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.close()
     report = summarize(rows, ids)
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = a.out_dir / f"{dt.date.today().isoformat()}-musique_dev-enriched-q{a.questions}"
+    stem = a.out_dir / f"{dt.date.today().isoformat()}-musique_dev-enriched-q{a.questions}{'-modes' if specs else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "summary": report,
                                                      "seconds": time.perf_counter() - started}, indent=1) + "\n")
     text = markdown(report)

@@ -224,3 +224,41 @@ def test_report_collects_ingest_and_http_results(bench_run):
     table = write_report(json_path)["md"].read_text()
     assert "Ingest (`ingest-2026-01-01.json`, 5 passages" in table
     assert "HTTP (`http-2026-01-01.json`)" in table and "| HTTP /query, 4 clients | 10 | 0 | 1.25 |" in table
+
+
+def test_enriched_neighbours_are_the_nearest_other_text():
+    from bench.enriched import neighbours
+
+    class Embeds:
+        def embed(self, texts):
+            return [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, 0.0]]
+
+    # "a" twice is the same passage: never its own neighbour.
+    assert neighbours(Embeds(), ["a", "b", "c", "a"]) == [1, 0, 1, 1]
+
+
+def test_an_enriched_entry_is_placed_like_a_store_entry(tmp_path, tiny_lm, hash_embedder):
+    """bench.enriched's entry after an empty neighbour is the plain entry; after a neighbour, placed where the chunk
+    sits, its keys are those of the chunk computed right after [prefix, neighbour] there (re-rotation composes)."""
+    from bench.enriched import enriched_entry
+    from chunkcache.forward import forward_tokens
+    from chunkcache.kvcompute import chunk_kv, prefix_cache
+    from chunkcache.rope import rerotate_layers
+
+    from .conftest import open_tiny_pipe
+
+    with open_tiny_pipe(tmp_path, tiny_lm, hash_embedder) as pipe:
+        prefix = pipe.rt.template.prefix_ids
+        gen = torch.Generator().manual_seed(3)
+        chunk, neighbour = (torch.randint(0, tiny_lm.config.vocab_size, (n,), generator=gen) for n in (9, 6))
+        plain = chunk_kv(tiny_lm, prefix_cache(tiny_lm, prefix, len(prefix) + 9), len(prefix), chunk.tolist(),
+                         pipe.rt.kv_dtype)
+        torch.testing.assert_close(enriched_entry(pipe, prefix, neighbour[:0], chunk), plain, rtol=0, atol=0)
+        entry = enriched_entry(pipe, prefix, neighbour, chunk)
+        p, m = len(prefix), len(neighbour)
+        direct = prefix_cache(tiny_lm, prefix, p + m + 9)
+        forward_tokens(tiny_lm, direct, torch.cat((neighbour, chunk)), torch.arange(p, p + m + 9))
+        placed = torch.empty_like(direct.k[:, :, p + m:])
+        rerotate_layers(entry[0].float(), torch.full((9,), m), tiny_lm.ropes, out=placed)
+        torch.testing.assert_close(placed, direct.k[:, :, p + m:], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(entry[1].float(), direct.v[:, :, p + m:], rtol=0, atol=0)
