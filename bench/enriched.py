@@ -31,6 +31,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -38,17 +39,25 @@ from bench.calibrate import evaluate, load_sample, parse_range
 from bench.data import DEFAULT_DATA, load_questions
 from bench.reference import CACHE_ROOT, ensure_references, open_bench_pipeline
 from bench.run import parse_mode, run_mode
+from chunkcache.prompt import chunk_token_ids
 
 RESULTS_DIR = Path(__file__).parent / "results" / "fidelity"
 UNIFORM_S = (0.35, 0.5, 0.7, 0.85)
 
 
-def neighbours(pipe, texts: list[str]) -> list[int]:
-    """For each text, the index of the most similar other text (cosine of the store's embeddings)."""
+def ranked_neighbours(pipe, texts: list[str]) -> list[list[int]]:
+    """For each text, the indices of the other texts from most to least similar (cosine of the store's
+    embeddings); a text never neighbours itself (nor a copy of itself)."""
     emb = torch.nn.functional.normalize(torch.as_tensor(pipe.embed(texts)).float(), dim=-1)
     sim = emb @ emb.T
     same = torch.tensor([[a == b for b in texts] for a in texts])
-    return sim.masked_fill(same, -2.0).argmax(dim=1).tolist()
+    order = sim.masked_fill(same, -2.0).argsort(dim=1, descending=True)
+    return [[j for j in row if texts[j] != texts[i]] for i, row in enumerate(order.tolist())]
+
+
+def neighbours(pipe, texts: list[str]) -> list[int]:
+    """For each text, the index of the most similar other text."""
+    return [ranked[0] for ranked in ranked_neighbours(pipe, texts)]
 
 
 @torch.inference_mode()
@@ -66,7 +75,7 @@ def enriched_entry(pipe, prefix_ids: list[int], neighbour_ids: torch.Tensor, chu
     forward_tokens(lm, scratch, torch.cat((neighbour_ids, chunk_ids)), torch.arange(p, p + m + n))
     rows = slice(p + m, p + m + n)
     keys = torch.empty_like(scratch.k[:, :, rows])
-    rerotate_layers(scratch.k[:, :, rows].clone(), torch.full((n,), -m), lm.ropes, out=keys)
+    rerotate_layers(scratch.k[:, :, rows].clone(), torch.full((n,), -m, device=lm.device), lm.ropes, out=keys)
     return torch.stack((keys, scratch.v[:, :, rows])).to("cpu", pipe.rt.kv_dtype)
 
 
@@ -81,7 +90,9 @@ def enriched_entries(pipe, q, neighbour_of: dict[str, str]) -> tuple[dict[int, t
     prefix = ids[:layout.chunk_starts[0]].tolist()
     entries = {}
     for start, n, text in list(zip(layout.chunk_starts, layout.chunk_lens, q.documents))[1:]:
-        neighbour = torch.tensor(pipe.tokenize(neighbour_of[text]), dtype=torch.long)
+        # tokenized as a chunk sits in a prompt (its text and the separator), so the chunk follows it as it
+        # would follow any chunk
+        neighbour = torch.tensor(chunk_token_ids(pipe.rt.lm.tokenizer, neighbour_of[text]), dtype=torch.long)
         entries[start] = enriched_entry(pipe, prefix, neighbour, ids[start:start + n])
     return entries, layout, ids
 
@@ -92,29 +103,27 @@ def enriched_context(pipe, sample, entries: dict[int, torch.Tensor], prefix_len:
 
     k, v = sample.ctx_k.clone(), sample.ctx_v.clone()
     for start, entry in entries.items():
-        n = entry.shape[3]
-        rerotate_layers(entry[0].float(), torch.full((n,), start - prefix_len), pipe.rt.lm.ropes,
+        n, entry = entry.shape[3], entry.to(k.device, torch.float32)
+        rerotate_layers(entry[0], torch.full((n,), start - prefix_len, device=k.device), pipe.rt.lm.ropes,
                         out=k[:, :, start:start + n])
-        v[:, :, start:start + n] = entry[1].float()
+        v[:, :, start:start + n] = entry[1]
     sample.ctx_k, sample.ctx_v = k, v
     return sample
 
 
 @contextlib.contextmanager
-def placing(entries: dict[int, torch.Tensor]):
-    """Within: the pipeline places `entries` (by prompt position) instead of what its store read returned."""
-    from chunkcache.pipeline import RAGPipeline
+def placing(pipe, entries: dict[int, torch.Tensor]):
+    """Within: `pipe` places `entries` (by prompt position) instead of what its store read returned."""
+    place = pipe._place
 
-    place = RAGPipeline._place
+    def enriched_place(entry, start, layout, cache):
+        swapped = entries.get(start, entry)
+        if swapped.shape[3] != entry.shape[3]:
+            raise AssertionError(f"the enriched entry at {start} has {swapped.shape[3]} rows, the chunk {entry.shape[3]}")
+        return place(swapped, start, layout, cache)
 
-    def enriched_place(pipe, entry, start, layout, cache):
-        return place(pipe, entries.get(start, entry), start, layout, cache)
-
-    RAGPipeline._place = enriched_place
-    try:
+    with mock.patch.object(pipe, "_place", enriched_place):
         yield
-    finally:
-        RAGPipeline._place = place
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="",
                    help="pipeline modes (bench.run's names) to run over the enriched entries, teacher-forced, "
                         "instead of the offline reuse forward (e.g. blend-0.15-probe,blend-0.15-probe-s0.85)")
+    p.add_argument("--outside-prompt", action="store_true",
+                   help="take each chunk's neighbour from passages outside its prompt (an ablation)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     a = p.parse_args(argv)
     specs = [parse_mode(name) for name in a.modes.split(",") if name]
@@ -134,20 +145,28 @@ def main(argv: list[str] | None = None) -> int:
     questions = [corpus_questions[i] for i in ids]
     pipe = open_bench_pipeline("default", a.threads, questions=questions, data=a.data)
     lm = pipe.rt.lm
+    if not pipe.rt.kv_dtype.is_floating_point:
+        raise SystemExit("bench.enriched rounds entries to a float store dtype; use a float16 or float32 store")
     from chunkcache.calibration import load_chunk_log_scale
 
     scales = {"off": None, "table": load_chunk_log_scale(lm.calibration_id, lm.num_layers, lm.num_q_heads)}
     scales |= {f"S={s}": torch.full((lm.num_layers, 1), math.log(s)) for s in UNIFORM_S}
     passages = sorted({text for q in corpus_questions for text in q.documents})
-    nearest = neighbours(pipe, passages)
-    neighbour_of = {text: passages[j] for text, j in zip(passages, nearest)}
+    ranked = dict(zip(passages, ranked_neighbours(pipe, passages)))
     rows: list[dict] = []
     started = time.perf_counter()
     try:
         for number, q in zip(ids, questions):
             ref = ensure_references(pipe, [q], CACHE_ROOT / lm.fingerprint[:16])[0]
+            # The ablation: neighbours from outside this prompt only, as in a corpus too large for a
+            # chunk's nearest passages to be retrieved beside it.
+            outside = set(q.documents) if a.outside_prompt else set()
+            neighbour_of = {text: next(passages[j] for j in ranked[text] if passages[j] not in outside)
+                            for text in q.documents}
             entries, layout, _ = enriched_entries(pipe, q, neighbour_of)
-            row = {"question": number, "id": q.id}
+            # how often the neighbour is a passage of this same prompt (then the entry has seen real context)
+            row = {"question": number, "id": q.id,
+                   "neighbours_in_prompt": sum(neighbour_of[t] in q.documents for t in q.documents[1:])}
             if not a.modes:
                 ways = {"base": load_sample(pipe, q, ref),
                         "enriched": enriched_context(pipe, load_sample(pipe, q, ref), entries, layout.chunk_starts[0])}
@@ -155,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name, log_scale in scales.items():
                         r = evaluate(lm, [sample], log_scale)
                         row[f"{way} {name}"] = {"kl": r["kl_mean"], "top1": r["top1"]}
-            with placing(entries):
+            with placing(pipe, entries):
                 for spec in specs:
                     got = run_mode(pipe, q, spec, list(ref["forced_ids"]), ref["reference"], ref["full_answer"],
                                    len(ref["forced_ids"]), free_running=False)
@@ -167,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.close()
     report = summarize(rows, ids)
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = a.out_dir / f"{dt.date.today().isoformat()}-musique_dev-enriched-q{a.questions}{'-modes' if specs else ''}"
+    stem = a.out_dir / f"{dt.date.today().isoformat()}-musique_dev-enriched-q{a.questions}{'-modes' if specs else ''}{'-outside' if a.outside_prompt else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "summary": report,
                                                      "seconds": time.perf_counter() - started}, indent=1) + "\n")
     text = markdown(report)
@@ -183,16 +202,21 @@ def summarize(rows: list[dict], ids: range) -> dict:
               "all": rows}
     variants = [k for k in rows[0] if isinstance(rows[0][k], dict)]
     return {half: {v: {"kl": sum(r[v]["kl"] for r in rs) / len(rs), "top1": sum(r[v]["top1"] for r in rs) / len(rs),
-                       "n": len(rs)} for v in variants} for half, rs in halves.items() if rs}
+                       "n": len(rs)} for v in variants}
+            | {"neighbours_in_prompt": sum(r["neighbours_in_prompt"] for r in rs) / len(rs)}
+            for half, rs in halves.items() if rs}
 
 
 def markdown(report: dict) -> str:
     halves = list(report)
     lines = ["| reuse variant | " + " | ".join(f"{h}: KL / top-1" for h in halves) + " |",
              "|---|" + "--:|" * len(halves)]
-    for v in report[halves[0]]:
+    for v in [v for v in report[halves[0]] if v != "neighbours_in_prompt"]:
         lines.append(f"| {v} | " + " | ".join(f"{report[h][v]['kl']:.4f} / {report[h][v]['top1']:.3f}"
                                                for h in halves) + " |")
+    lines.append("")
+    lines.append("Chunks 2..k whose neighbour is a passage of the same prompt, per question: " +
+                 ", ".join(f"{h} {report[h]['neighbours_in_prompt']:.1f}" for h in halves))
     return "\n".join(lines)
 
 

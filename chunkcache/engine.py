@@ -228,18 +228,20 @@ class Engine:
                     self._step()
             except Exception as exc:  # a defect in the loop itself: fail what is in flight, keep serving
                 log.exception("engine step failed; failing the requests in flight")
-                for active in self._active:
+                failed = list(self._active)
+                self._release(failed)
+                for active in failed:
                     active.ticket.put(exc)
-                self._release(list(self._active))
         closed = EngineClosed("the pipeline was closed before this request finished")
         with self._cv:
             for ticket in self._waiting:
                 ticket.put(closed)
             self._waiting.clear()
-        for active in self._active:
-            active.ticket.put(closed)
-        self._release(list(self._active))
+        running = list(self._active)
+        self._release(running)
         self._pool = None
+        for active in running:
+            active.ticket.put(closed)
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -274,8 +276,8 @@ class Engine:
                 active.gen.cancel()
                 self._finish(active)
             else:
-                active.ticket.put(_cancelled_error())
                 self._release([active])
+                active.ticket.put(_cancelled_error())
 
     def _admit(self) -> None:
         """Admit waiting requests, in order, while the limits allow; then choose the probe selections'
@@ -306,8 +308,8 @@ class Engine:
                 active.prefill_started = time.perf_counter()
             except Exception as exc:  # this request's own failure (bad input, store error): only it fails
                 self._pop(ticket)
-                ticket.put(exc)
                 self._release([a for a in self._active if a.ticket is ticket])
+                ticket.put(exc)
                 continue
             new.append(active)
         probes = [a for a in new if a.staged.positions is None]
@@ -327,24 +329,28 @@ class Engine:
         prompt = staged.layout.num_tokens
         if self._pool is not None and self._pool.has_room(tokens):
             return self._pool.take(tokens, prompt)
-        if self._pool is not None and self._pool.in_use == 0:
-            self._pool = None  # too small and empty: size a new one (holding it could starve this request)
-        pool = self._pool
+        # An empty pool too small for this request is replaced rather than resized: nothing to copy.
+        pool = self._pool if self._pool is not None and self._pool.in_use else None
         per_slot_token = pool_bytes_per_slot_token(lm)
         slots = self.limits.max_running
         held = pool.nbytes if pool is not None else 0  # a resize holds the old pool until it has copied it
         for capacity in (_round_up(tokens * 5 // 4, 64), tokens):
             capacity = max(capacity, pool.capacity if pool is not None else 0)
             if self._private_bytes + held + slots * capacity * per_slot_token <= limit:
+                if pool is None:
+                    self._pool = None  # (an empty one goes first, so that the two are never held together)
                 self._pool = KVPool(lm, slots, capacity) if pool is None else pool.resized(lm, capacity)
                 return self._pool.take(tokens, prompt)
+        if self._kv_in_use() + need > limit and self._pool is not None and not self._pool.in_use:
+            self._pool = None  # an empty pool must not starve a request that fits alone
         if self._kv_in_use() + need <= limit:
             return new_cache(lm, tokens)
         return None
 
     def _kv_in_use(self) -> int:
         """The KV memory allocated: the pool whole (free slots too) and the caches of their own."""
-        return self._private_bytes + (self._pool.nbytes if self._pool is not None else 0)
+        pool = self._pool  # read once: counts() calls this from other threads
+        return self._private_bytes + (pool.nbytes if pool is not None else 0)
 
     def _kv_held(self) -> int:
         """The KV memory the admitted requests hold: their slots and their caches of their own."""
@@ -411,8 +417,8 @@ class Engine:
     def _fail(self, member, exc: Exception) -> None:
         active = member[0] if isinstance(member, tuple) else member
         log.warning("request failed in the engine: %s", exc)
-        active.ticket.put(exc)
         self._release([active])
+        active.ticket.put(exc)
 
     def _prefilled(self, active: _Active, kept_positions: torch.Tensor, logits: torch.Tensor) -> None:
         """The prompt is complete: the request starts decoding with its first token."""
@@ -431,17 +437,20 @@ class Engine:
         rest, answer = active.gen.answer()
         for piece in rest:
             active.ticket.put(piece)
+        self._release([active])  # first: a caller holding its answer finds the engine's memory freed
         active.ticket.put(answer)
-        self._release([active])
 
     def _release(self, finished: list[_Active]) -> None:
         for active in finished:
             if active in self._active:
-                self._active.remove(active)
                 self._private_bytes -= active.kv_bytes
-                if active.cache.pool is not None:
-                    active.cache.pool.release(active.cache)
                 active.staged.cache = None  # the memory goes back now, not when the consumer lets go
+                if active.cache.pool is not None:
+                    try:
+                        active.cache.pool.release(active.cache)
+                    except ValueError:  # a defect; the slot is lost, the loop and the other requests go on
+                        log.exception("releasing a request's KV slot failed")
+                self._active.remove(active)  # last: counts() never sees a finished request's memory as held
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -121,7 +121,7 @@ class KVPool:
             raise ValueError(f"this cache is not slot {cache.slot} of this pool (released already?)")
         self._caches[cache.slot] = None
         cache.pool, cache.key_bias = None, None
-        cache.k = cache.v = self.k.new_empty(0)
+        cache.k = cache.v = self.k.new_empty((self.k.shape[0], self.k.shape[2], 0, self.k.shape[4]))  # 0 rows
 
     def store_bias(self, slot: int, bias: torch.Tensor) -> torch.Tensor:
         """Copy a request's chunk-scale bias into its slot -> the slot's view [layers, q_heads, capacity]."""
@@ -147,11 +147,11 @@ class KVPool:
             grown.bias = torch.zeros((self.bias.shape[0], self.slots, self._q_heads, capacity), dtype=torch.float32,
                                      device=self.bias.device)
             grown.bias[..., :old].copy_(self.bias)
+        if any(c is not None and c.key_bias is not None and not views_of(c.key_bias, self.bias) for c in self._caches):
+            raise ValueError("a pooled cache's key_bias must be set with set_key_bias (it lives in the pool)")
         for slot, cache in enumerate(self._caches):
             if cache is None:
                 continue
-            if cache.key_bias is not None and not views_of(cache.key_bias, self.bias):
-                raise ValueError("a pooled cache's key_bias must be set with set_key_bias (it lives in the pool)")
             rows = cache.capacity
             cache.k, cache.v = grown.k[:, slot, :, :rows], grown.v[:, slot, :, :rows]
             if cache.key_bias is not None:
