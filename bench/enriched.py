@@ -119,7 +119,8 @@ def placing(pipe, entries: dict[int, torch.Tensor]):
     def enriched_place(entry, start, layout, cache):
         swapped = entries.get(start, entry)
         if swapped.shape[3] != entry.shape[3]:
-            raise AssertionError(f"the enriched entry at {start} has {swapped.shape[3]} rows, the chunk {entry.shape[3]}")
+            raise AssertionError(f"the enriched entry at {start} has {swapped.shape[3]} rows, "
+                                 f"the chunk {entry.shape[3]}")
         return place(swapped, start, layout, cache)
 
     with mock.patch.object(pipe, "_place", enriched_place):
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe.close()
     report = summarize(rows, ids)
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = a.out_dir / f"{dt.date.today().isoformat()}-musique_dev-enriched-q{a.questions}{'-modes' if specs else ''}{'-outside' if a.outside_prompt else ''}"
+    tags = ("-modes" if specs else "") + ("-outside" if a.outside_prompt else "")
+    stem = a.out_dir / f"{dt.date.today().isoformat()}-musique_dev-enriched-q{a.questions}{tags}"
     stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "summary": report,
                                                      "seconds": time.perf_counter() - started}, indent=1) + "\n")
     text = markdown(report)
@@ -198,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarize(rows: list[dict], ids: range) -> dict:
     """Mean KL and top-1 per variant on the fit half (< 25), the held-out half (>= 25) and all."""
-    halves = {"fit 0-24": [r for r in rows if r["question"] < 25], "held out 25-49": [r for r in rows if r["question"] >= 25],
-              "all": rows}
+    halves = {"fit 0-24": [r for r in rows if r["question"] < 25],
+              "held out 25-49": [r for r in rows if r["question"] >= 25], "all": rows}
     variants = [k for k in rows[0] if isinstance(rows[0][k], dict)]
     return {half: {v: {"kl": sum(r[v]["kl"] for r in rs) / len(rs), "top1": sum(r[v]["top1"] for r in rs) / len(rs),
                        "n": len(rs)} for v in variants}
