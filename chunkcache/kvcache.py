@@ -62,7 +62,7 @@ def new_cache(lm: LoadedModel, capacity: int) -> KVCache:
 
 def pool_bytes_per_slot_token(lm: LoadedModel) -> int:
     """What one token of one slot takes: K and V in the compute dtype, and its fp32 chunk-scale bias per query head."""
-    return lm.num_layers * (2 * lm.num_kv_heads * lm.head_dim * lm.dtype.itemsize + 4 * lm.num_q_heads)
+    return lm.kv_bytes_per_token(lm.dtype) + 4 * lm.num_layers * lm.num_q_heads
 
 
 class KVPool:
@@ -126,11 +126,14 @@ class KVPool:
     def store_bias(self, slot: int, bias: torch.Tensor) -> torch.Tensor:
         """Copy a request's chunk-scale bias into its slot -> the slot's view [layers, q_heads, capacity]."""
         if self.bias is None:
-            self.bias = torch.zeros((self.k.shape[0], self.slots, self._q_heads, self.capacity), dtype=torch.float32,
-                                    device=self.k.device)
+            self.bias = self._zero_bias()
         view = self.bias[:, slot, :, :bias.shape[-1]]
         view.copy_(bias)  # a bias shared by the heads ([layers, 1, capacity]) broadcasts
         return view
+
+    def _zero_bias(self) -> torch.Tensor:
+        return torch.zeros((self.k.shape[0], self.slots, self._q_heads, self.capacity), dtype=torch.float32,
+                           device=self.k.device)
 
     def resized(self, lm: LoadedModel, capacity: int) -> KVPool:
         """A pool of the same slots and `capacity` rows each (>= this one's), holding the live caches: their
@@ -144,8 +147,7 @@ class KVPool:
         grown.k[:, :, :, :old].copy_(self.k)
         grown.v[:, :, :, :old].copy_(self.v)
         if self.bias is not None:
-            grown.bias = torch.zeros((self.bias.shape[0], self.slots, self._q_heads, capacity), dtype=torch.float32,
-                                     device=self.bias.device)
+            grown.bias = grown._zero_bias()
             grown.bias[..., :old].copy_(self.bias)
         if any(c is not None and c.key_bias is not None and not views_of(c.key_bias, self.bias) for c in self._caches):
             raise ValueError("a pooled cache's key_bias must be set with set_key_bias (it lives in the pool)")
