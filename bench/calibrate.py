@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     fit_ids, eval_ids, questions = split_of(a)
     # Only the fit questions' chunks are stored up front; a held-out question's misses are computed
     # (and stored) when it is reported.
-    pipe = open_bench_pipeline(a.model, a.threads, questions=[questions[i] for i in fit_ids], data=a.data)
+    # Reuse's table is fitted on plain entries; context-enriched ones take their own S (bench.calibrate_blend).
+    pipe = open_bench_pipeline(a.model, a.threads, questions=[questions[i] for i in fit_ids], data=a.data,
+                               chunk_context="none")
     try:
         lm = pipe.rt.lm
         root = CACHE_ROOT / lm.fingerprint[:16]

@@ -64,19 +64,12 @@ def neighbours(pipe, texts: list[str]) -> list[int]:
 def enriched_entry(pipe, prefix_ids: list[int], neighbour_ids: torch.Tensor, chunk_ids: torch.Tensor) -> torch.Tensor:
     """The chunk's KV computed after [prefix, neighbour], as a store entry would hold it: [2, layers, kv_heads,
     n, D] in the store's dtype, keys re-rotated to the positions right after the prefix (where a plain entry
-    was computed), so the pipeline places it like any other."""
-    from chunkcache.forward import forward_tokens
-    from chunkcache.kvcompute import prefix_cache
-    from chunkcache.rope import rerotate_layers
+    was computed), so the pipeline places it like any other (what ingest stores: chunkcache/context.py)."""
+    from chunkcache.kvcompute import context_chunk_kv, prefix_cache
 
     lm = pipe.rt.lm
-    p, m, n = len(prefix_ids), len(neighbour_ids), len(chunk_ids)
-    scratch = prefix_cache(lm, prefix_ids, p + m + n)
-    forward_tokens(lm, scratch, torch.cat((neighbour_ids, chunk_ids)), torch.arange(p, p + m + n))
-    rows = slice(p + m, p + m + n)
-    keys = torch.empty_like(scratch.k[:, :, rows])
-    rerotate_layers(scratch.k[:, :, rows].clone(), torch.full((n,), -m, device=lm.device), lm.ropes, out=keys)
-    return torch.stack((keys, scratch.v[:, :, rows])).to("cpu", pipe.rt.kv_dtype)
+    scratch = prefix_cache(lm, prefix_ids, len(prefix_ids) + len(neighbour_ids) + len(chunk_ids))
+    return context_chunk_kv(lm, scratch, len(prefix_ids), neighbour_ids.tolist(), chunk_ids.tolist(), pipe.rt.kv_dtype)
 
 
 def enriched_entries(pipe, q, neighbour_of: dict[str, str]) -> tuple[dict[int, torch.Tensor], object, torch.Tensor]:
@@ -144,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = parse_range(a.questions)
     corpus_questions = load_questions(a.data)
     questions = [corpus_questions[i] for i in ids]
-    pipe = open_bench_pipeline("default", a.threads, questions=questions, data=a.data)
+    # The store's plain entries are the base this what-if enriches itself.
+    pipe = open_bench_pipeline("default", a.threads, questions=questions, data=a.data, chunk_context="none")
     lm = pipe.rt.lm
     if not pipe.rt.kv_dtype.is_floating_point:
         raise SystemExit("bench.enriched rounds entries to a float store dtype; use a float16 or float32 store")

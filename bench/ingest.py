@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from bench.data import DEFAULT_DATA, load_questions, passage_documents
 from bench.envinfo import dump_json, environment, next_free_path
+from chunkcache.context import enrich_chunks, enriched
 from chunkcache.ingest import IngestReport, PendingChunk, ensure_prefix, store_chunks
 from chunkcache.prompt import chunk_token_ids
 
@@ -58,8 +59,13 @@ def build_store(pipe, documents: list[tuple[str, str]], *, embed: bool = False, 
     report = IngestReport()
     todo = len(rt.store.kv.missing([c.key for c in unique]))
     bar = tqdm(total=todo, unit="chunk", desc="store", disable=not progress or todo == 0, dynamic_ncols=True)
+    # A context-enriched store finds each chunk's neighbour by its embedding (chunkcache/context.py).
+    embed = embed or enriched(rt)
     try:
         store_chunks(rt, unique, report=report, bar=bar, embed=embed)
+        t = time.perf_counter()
+        report.context_entries, report.context_tokens = enrich_chunks(rt, [c.key for c in unique])
+        report.seconds_context = time.perf_counter() - t
     finally:
         bar.close()
         if embed:
@@ -74,7 +80,9 @@ def build_store(pipe, documents: list[tuple[str, str]], *, embed: bool = False, 
         "seconds": seconds, "seconds_kv": report.seconds_kv, "seconds_embed": report.seconds_embed,
         "chunks_per_s": report.chunks_computed / seconds if report.chunks_computed else 0.0,
         "tokens_per_s": report.tokens_computed / seconds if report.tokens_computed else 0.0,
-        "kv_tokens_per_s": report.tokens_per_s, "embedded": embed,
+        "kv_tokens_per_s": report.tokens_per_s, "embedded": embed, "chunk_context": rt.config.chunk_context,
+        "context_entries": report.context_entries, "context_tokens": report.context_tokens,
+        "seconds_context": report.seconds_context,
         "store": stats, "bytes_per_token": stats["bytes_per_token"], "fp16_bytes_per_token": fp16,
         "size_vs_fp16": stats["bytes_per_token"] / fp16 if fp16 else float("nan"),
     }

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -119,13 +120,17 @@ def ensure_references(pipe, questions: list[Question], root: Path, max_new_token
 
 
 def open_bench_pipeline(model: str = "default", threads: int | None = None, kv_dtype: str = "float16",
-                        store: Path | None = None, questions: list[Question] | None = None, data: Path = DEFAULT_DATA):
-    """The benchmark's pipeline over its store (built for `questions` if needed)."""
+                        store: Path | None = None, questions: list[Question] | None = None, data: Path = DEFAULT_DATA,
+                        chunk_context: str | None = None):
+    """The benchmark's pipeline over its store (built for `questions` if needed); `chunk_context` None: the
+    config's default recipe."""
     from bench.run import BenchConfig
     from chunkcache import RAGPipeline
 
     cfg = BenchConfig(model=model, threads=threads, kv_dtype=kv_dtype, store=store)
-    overrides = {"kv_dtype": kv_dtype, **({"threads": threads} if threads else {})}
+    if chunk_context is not None:
+        cfg = replace(cfg, chunk_context=chunk_context)
+    overrides = {"kv_dtype": kv_dtype, "chunk_context": cfg.chunk_context, **({"threads": threads} if threads else {})}
     pipe = RAGPipeline.open(cfg.store_dir(), model=model, **overrides)
     if questions:
         build_store(pipe, passage_documents(questions, Path(data).stem), progress=False)

@@ -40,6 +40,7 @@ from bench.envinfo import dump_json, environment, next_free_path
 from bench.ingest import build_store
 from bench.oracles import oracle_scores
 from bench.reference import CACHE_ROOT, ensure_references
+from chunkcache.config import CHUNK_CONTEXTS, ChunkCacheConfig
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_STORE_ROOT = REPO_ROOT / ".cache" / "bench-store"
@@ -65,10 +66,11 @@ class ModeSpec:
     scale_queries: str | None = None
     oracle: str | None = None  # bench-only selection from full prefill's KV (bench/oracles.py)
     system_prompt: str | None = None  # the run's --system-prompt (every mode, full included, takes it)
+    plain_entries: bool = False  # place plain entries where the store links context-enriched ones
 
     def kwargs(self) -> dict:
         """The `RAGPipeline.evaluate` keyword arguments of this mode (an oracle's scores come apart)."""
-        out = {"mode": self.mode}
+        out = {"mode": self.mode, **({"plain_entries": True} if self.plain_entries else {})}
         for name in ("recompute_ratio", "deviation", "selection", "check_layer", "chunk_scale", "scale_queries",
                      "system_prompt"):
             if getattr(self, name) is not None:
@@ -79,7 +81,8 @@ class ModeSpec:
 MODE_HELP = ("full, reuse, epic or blend-R, with optional suffixes -key/-value (deviation), -{selections} "
              "(selection), -oracle/-oracleout (bench-only oracle selection), -cN (check layer), "
              "-soff/-scal/-sS (attention scale on reused chunks: off, calibrated, one S) and -qonly/-qall (the "
-             "scale on the question's queries only, or on recomputed chunk tokens' too), e.g. blend-0.15-key-c3 or reuse-s0.5")
+             "scale on the question's queries only, or on recomputed chunk tokens' too), -plain (the store's plain entries where "
+             "it has context-enriched ones), e.g. blend-0.15-key-c3 or reuse-s0.5")
 
 
 def parse_mode(name: str) -> ModeSpec:
@@ -103,7 +106,7 @@ def parse_mode(name: str) -> ModeSpec:
             raise ValueError(f"mode {name!r}: the recompute ratio must be in [0, 1], got {ratio}")
         fields.update(recompute_ratio=ratio, deviation="value", selection="deviation")
         canonical += f"-{ratio:.2f}"
-    order = ("deviation", "selection", "check_layer", "chunk_scale", "scale_queries")
+    order = ("deviation", "selection", "check_layer", "chunk_scale", "scale_queries", "plain_entries")
     seen = -1
     for part in parts:
         if head == "blend" and part in DEVIATIONS:
@@ -122,6 +125,8 @@ def parse_mode(name: str) -> ModeSpec:
             text = f"s{value:g}"
         elif part in ("qonly", "qall"):
             key, value, text = "scale_queries", {"qonly": "question", "qall": "all"}[part], part
+        elif part == "plain":
+            key, value, text = "plain_entries", True, part
         else:
             raise ValueError(f"unknown mode {name!r} (at {part!r}); use {helptext}")
         if order.index(key) <= seen:
@@ -156,6 +161,7 @@ class BenchConfig:
     model: str = "default"
     store: Path | None = None  # None: .cache/bench-store/<model>-<kv dtype>
     kv_dtype: str = "float16"
+    chunk_context: str = ChunkCacheConfig.chunk_context  # the store's recipe (chunkcache/context.py)
     check_layer: int | None = None  # None: the config default
     system_prompt: str | None = None  # every mode's own system prompt instead of the store's (None: the store's)
     rebuild_store: bool = False
@@ -172,7 +178,10 @@ class BenchConfig:
                              "--system-prompt, full runs for real")
 
     def store_dir(self) -> Path:
-        return Path(self.store) if self.store else DEFAULT_STORE_ROOT / f"{slug(self.model)}-{self.kv_dtype}"
+        if self.store:
+            return Path(self.store)
+        recipe = "" if self.chunk_context == "none" else f"-{self.chunk_context}"
+        return DEFAULT_STORE_ROOT / f"{slug(self.model)}-{self.kv_dtype}{recipe}"
 
 
 def run_benchmark(cfg: BenchConfig, *, lm=None, embedder=None) -> dict:
@@ -191,7 +200,7 @@ def run_benchmark(cfg: BenchConfig, *, lm=None, embedder=None) -> dict:
     store_dir = cfg.store_dir()
     if cfg.rebuild_store:
         remove_store(store_dir)
-    overrides = {"kv_dtype": cfg.kv_dtype}
+    overrides = {"kv_dtype": cfg.kv_dtype, "chunk_context": cfg.chunk_context}
     overrides.update({k: v for k, v in (("threads", cfg.threads), ("check_layer", cfg.check_layer)) if v is not None})
     started = time.perf_counter()
     pipe = RAGPipeline.open(store_dir, model=cfg.model, lm=lm, embedder=embedder, **overrides)
@@ -438,6 +447,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--store", type=Path, default=None,
                    help=f"store directory (default {DEFAULT_STORE_ROOT.relative_to(REPO_ROOT)}/<model>-<kv dtype>)")
     p.add_argument("--kv-dtype", default="float16", choices=("float16", "bfloat16", "float32", "int8"))
+    p.add_argument("--chunk-context", default=ChunkCacheConfig.chunk_context, choices=CHUNK_CONTEXTS,
+                   help="the store's chunk entries: after the prefix only (none) or also after each chunk's nearest "
+                        "neighbour (neighbour); each has its own default store (default %(default)s)")
     p.add_argument("--check-layer", type=int, default=None, help="blend check layer (default: the config's, 0)")
     p.add_argument("--system-prompt", default=None, metavar="TEXT",
                    help="every mode (full too) runs under this system prompt instead of the store's: what a "
@@ -457,7 +469,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         first, limit = int(m.group(1)), int(m.group(2)) + 1
     return BenchConfig(data=a.data, limit=limit, first=first, free_running=not a.forced_only, cached_full=a.cached_full,
                        modes=tuple(a.modes.split(",")), max_new_tokens=a.max_new_tokens,
-                       threads=a.threads, model=a.model, store=a.store, kv_dtype=a.kv_dtype, check_layer=a.check_layer,
+                       threads=a.threads, model=a.model, store=a.store, kv_dtype=a.kv_dtype,
+                       chunk_context=a.chunk_context, check_layer=a.check_layer,
                        system_prompt=a.system_prompt,
                        rebuild_store=a.rebuild_store, warmup=not a.no_warmup, out_dir=a.out_dir, readme=a.readme,
                        progress=not a.no_progress)

@@ -34,6 +34,7 @@ class CacheStats:
     dropped_chunks: int = 0  # lowest-ranked chunks left out to fit the context window
     damaged_chunks: int = 0  # stored KVs that failed their checksum: recomputed, rewritten, counted as misses
     unstored_chunks: int = 0  # missed `documents` computed for this request only (quota spent, or not persisted)
+    context_chunks: int = 0  # chunks placed from their context-enriched entry (chunkcache/context.py)
     store_unavailable: bool = False  # the shared store (Redis) could not be reached: misses computed here
     completion_tokens: int = 0
 

@@ -88,17 +88,32 @@ def stale_chunk_span(layout: PromptLayout) -> tuple[int, int]:
     return start, layout.suffix_start
 
 
-def chunk_key_bias(layout: PromptLayout, log_scale: torch.Tensor, capacity: int) -> torch.Tensor:
+def chunk_key_bias(layout: PromptLayout, log_scale: torch.Tensor | None, capacity: int, *,
+                   own: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
     """The attention correction for one prompt: log(S) on the stale chunks' rows, 0 elsewhere.
 
-    log_scale: fp32 [layers, 1 or q_heads] -> fp32 [layers, 1 or q_heads, capacity], the
-    `KVCache.key_bias` layout. `forward_tokens` clears a row's bias in every layer where it
-    computes that row afresh, so recomputed tokens (blend's first layers, its selected tokens, and
-    everything at ratio 1.0) are attended plainly.
+    log_scale: fp32 [layers, 1 or q_heads] (None: S = 1) -> fp32 [layers, 1 or q_heads, capacity], the
+    `KVCache.key_bias` layout. `own`: chunk index -> that stale chunk's own log(S) instead (None: S = 1), as
+    for a context-enriched chunk (chunkcache/context.py), which lost less of its context than the others.
+    `forward_tokens` clears a row's bias in every layer where it computes that row afresh, so recomputed
+    tokens (blend's first layers, its selected tokens, and everything at ratio 1.0) are attended plainly.
     """
+    own = own or {}
+    scales = [log_scale] + [v for v in own.values() if v is not None]
+    if all(v is None for v in scales):
+        raise ValueError("chunk_key_bias: no scale to apply; leave the cache's bias unset instead")
+    layers = next(v for v in scales if v is not None).shape[0]
+    heads = max(v.shape[1] for v in scales if v is not None)
+    device = next(v for v in scales if v is not None).device
+    bias = torch.zeros(layers, heads, capacity, dtype=torch.float32, device=device)
     start, end = stale_chunk_span(layout)
-    bias = torch.zeros(*log_scale.shape, capacity, dtype=torch.float32, device=log_scale.device)
-    bias[:, :, start:end] = log_scale[:, :, None].float()
+    if log_scale is not None:
+        bias[:, :, start:end] = log_scale[:, :, None].float()
+    for index, value in own.items():
+        if index < 1 or index >= len(layout.chunk_lens):
+            raise ValueError(f"chunk_key_bias: chunk {index} is not a stale chunk (1 to {len(layout.chunk_lens) - 1})")
+        begin = layout.chunk_starts[index]
+        bias[:, :, begin:begin + layout.chunk_lens[index]] = 0.0 if value is None else value[:, :, None].float()
     return bias
 
 

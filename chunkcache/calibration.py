@@ -5,7 +5,8 @@ A calibration holds log(S) for the attention scale on reused chunks (see `blend.
 (`blend_log_scale`, `bench.calibrate_blend`): once blend recomputes the tokens the question reads
 most, the stale rows left are another population, and a smaller uniform S fits them better than
 reuse's table. It is keyed by the model's weights and architecture, not its compute dtype, so the
-same file serves fp32 on CPU and bf16 on a GPU. A model without a file gets no correction (S = 1): a
+same file serves fp32 on CPU and bf16 on a GPU. A context-enriched chunk (chunkcache/context.py) lost less
+of its context, so it takes its own uniform S per recipe (`context_log_scale`, `bench.calibrate_context`). A model without a file gets no correction (S = 1): a
 scale fitted on one model says nothing about another.
 """
 from __future__ import annotations
@@ -53,6 +54,33 @@ def write_blend_scale(lm, scale: float, report: dict) -> Path:
     path.write_text(json.dumps(body, indent=1) + "\n")
     load_blend_log_scale.cache_clear()
     return path
+
+
+def write_context_scale(lm, recipe: str, scale: float, report: dict) -> Path:
+    """Add the uniform S of chunks enriched by `recipe` (a chunk_context) to `lm`'s calibration file."""
+    path = calibration_path(lm.calibration_id)
+    if not path.exists():
+        raise ValueError(f"{lm.spec} has no calibration file yet; fit reuse's first: python -m bench.calibrate")
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"context scale must be in (0, 1], got {scale}")
+    body = json.loads(path.read_text())
+    body.setdefault("context_log_scale", {})[recipe] = round(math.log(scale), 5)
+    body.setdefault("context_fit", {})[recipe] = report
+    path.write_text(json.dumps(body, indent=1) + "\n")
+    load_context_log_scale.cache_clear()
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def load_context_log_scale(calibration_id: str, recipe: str) -> float | None:
+    """log(S) fitted for chunks enriched by `recipe` (every layer, every mode), or None when there is none."""
+    path = calibration_path(calibration_id)
+    if not path.exists():
+        return None
+    body = json.loads(path.read_text())
+    if body.get("calibration_id") != calibration_id:
+        return None
+    return body.get("context_log_scale", {}).get(recipe)
 
 
 @functools.lru_cache(maxsize=16)

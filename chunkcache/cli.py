@@ -12,7 +12,7 @@ import sys
 
 from store import DamagedStoreError
 
-from .config import (CHUNK_SCALES, DEVIATIONS, INDEX_KINDS, KV_DTYPES, LINEAR_DTYPES, MODES, SCALE_QUERIES,
+from .config import (CHUNK_CONTEXTS, CHUNK_SCALES, DEVIATIONS, INDEX_KINDS, KV_DTYPES, LINEAR_DTYPES, MODES, SCALE_QUERIES,
                      SELECTIONS, ChunkCacheConfig, cache_home, check_chunk_scale)
 from .config_sources import load_sources
 from .corpus import SUPPORTED_SUFFIXES
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how KV is stored (default float16); int8: KIVI-style codes, about half of float16's bytes")
     p.add_argument("--index-kind", choices=INDEX_KINDS, default="flat",
                    help="Faiss index: flat (exact, default), hnsw or ivf for large corpora")
+    p.add_argument("--chunk-context", choices=CHUNK_CONTEXTS, default=None,
+                   help="neighbour (default): also store each chunk's KV computed after its nearest neighbour chunk, "
+                        "placed for every chunk but the first at query time (closer to full prefill; ~2x ingest "
+                        "compute and KV bytes); none: one entry per chunk. The store keeps it")
     p.add_argument("--linear-dtype", choices=LINEAR_DTYPES, default=None,
                    help="CPU: the linears' weights (default float32); bfloat16 halves what a decode step reads (~1.2x faster decode, "
                    "KL ~5e-4 to float32). The store keeps it: later commands use it by default")
@@ -259,7 +263,7 @@ def open_pipeline(args, **extra):
 def cmd_ingest(args) -> int:
     ray = _ray_options(args)
     with open_with_settings(args, ("model", "embedder", "device", "threads", "chunk_tokens", "kv_dtype",
-                                   "index_kind", "linear_dtype", "max_store_bytes")) as pipe:
+                                   "index_kind", "linear_dtype", "max_store_bytes", "chunk_context")) as pipe:
         report = pipe.ingest(args.paths, progress=not args.no_progress, ray=ray)
         print(report.summary())
         print(_store_line(pipe))

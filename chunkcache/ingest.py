@@ -24,9 +24,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .chunker import Chunk, split_chunks
+from .context import enrich_chunks, enriched, linked_entries
 from .distributed import RayOptions
 from .corpus import SUPPORTED_SUFFIXES, CorpusError, Document, content_digest, read_documents, scan_paths
-from .kvcompute import chunk_kv, extract_kv, prefix_cache
+from .kvcompute import chunk_kv, context_chunk_kv, extract_kv, prefix_cache
 from .prompt import chunk_token_ids
 from .runtime import Runtime
 
@@ -60,6 +61,9 @@ class IngestReport:
     seconds_kv: float = 0.0
     seconds_embed: float = 0.0
     seconds_total: float = 0.0
+    context_entries: int = 0  # context-enriched entries computed (chunk_context "neighbour": chunkcache/context.py)
+    context_tokens: int = 0  # tokens run for them: each chunk's and its neighbour's
+    seconds_context: float = 0.0
     workers: int = 0  # Ray worker processes that computed chunks (0: computed here); a restarted one counts again
 
     @property
@@ -77,6 +81,9 @@ class IngestReport:
                  + (f" per worker, {self.workers} Ray worker process{'es' if self.workers != 1 else ''}"
                     if self.workers else "")
                  + f"); embedding {self.seconds_embed:.1f} s; total {self.seconds_total:.1f} s"]
+        if self.context_entries:
+            lines.append(f"context-enriched entries: {self.context_entries} ({self.context_tokens} tokens in "
+                         f"{self.seconds_context:.1f} s)")
         if self.ignored:
             kinds = Counter(Path(p).suffix or "(no suffix)" for p in self.ignored)
             lines.append(f"ignored (unsupported types; supported: {' '.join(SUPPORTED_SUFFIXES)}): "
@@ -109,7 +116,7 @@ def ingest_paths(rt: Runtime, paths, *, progress: bool = True, chunker: Chunker 
         report.documents += len(docs)
         digest = "|".join(d.digest for d in docs)
         record = rt.store.kv.get_source(str(path))
-        if record and record.get("digest") == digest and record.get("complete"):
+        if _up_to_date(rt, record, digest):
             report.files_unchanged += 1
             report.chunks += record.get("num_chunks", 0)
             continue
@@ -137,7 +144,7 @@ def ingest_texts(rt: Runtime, items, *, progress: bool = True, chunker: Chunker 
         report.files += 1
         report.documents += 1
         record = rt.store.kv.get_source(doc.source)
-        if record and record.get("digest") == doc.digest and record.get("complete"):
+        if _up_to_date(rt, record, doc.digest):
             report.files_unchanged += 1
             report.chunks += record.get("num_chunks", 0)
             continue
@@ -163,6 +170,12 @@ def text_document(item, number: int) -> Document:
     return Document(str(source) if source else f"text:{digest}", text, digest)
 
 
+def _up_to_date(rt: Runtime, record: dict | None, digest: str) -> bool:
+    """Whether a source's record says it is stored as it is now (its enriched entries included)."""
+    return bool(record and record.get("digest") == digest and record.get("complete")
+                and (not enriched(rt) or record.get("enriched")))
+
+
 def _store_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]], report: IngestReport,
                    progress: bool, on_done: Callable[[], None] = lambda: None, ray: RayOptions | None = None) -> None:
     """Store every source's chunks (computing the missing KVs), record each source, retire stale chunks."""
@@ -177,14 +190,25 @@ def _store_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]],
             compute_on_ray(rt, pending, ray, report, bar)
             rt.store.refresh()  # the workers' chunks join the index by id, like another process's
             report.chunks_reused -= report.chunks_computed  # counted below as already stored
+        records = {}
         for source, digest, chunks in todo:
             old = rt.store.kv.get_source(source) or {}
             stored = store_chunks(rt, chunks, report=report, bar=bar, embed=True)
             report.chunks += len(chunks)
             keys = [k.hex() for k in stored]
             stale = sorted((set(old.get("keys", [])) | set(old.get("stale", []))) - set(keys))
-            rt.store.kv.put_source(source, {"digest": digest, "complete": True, "num_chunks": len(chunks),
-                                            "keys": keys, **({"stale": stale} if stale else {})})
+            records[source] = {"digest": digest, "complete": True, "num_chunks": len(chunks), "keys": keys,
+                               **({"stale": stale} if stale else {})}
+            rt.store.kv.put_source(source, records[source])
+        if enriched(rt) and todo:
+            # After every source is stored and indexed, so that each chunk's neighbour is found among all of them.
+            t = time.perf_counter()
+            bar.set_description("context")
+            report.context_entries, report.context_tokens = enrich_chunks(
+                rt, [c.key for _, _, chunks in todo for c in chunks], bar=bar)
+            report.seconds_context = time.perf_counter() - t
+            for source, record in records.items():
+                rt.store.kv.put_source(source, {**record, "enriched": True})
         on_done()
         report.chunks_retired = retire_stale(rt)
     except BaseException:
@@ -233,8 +257,10 @@ def retire_stale(rt: Runtime) -> int:
     pending = {s: r for s, r in records.items() if r.get("stale")}
     if not pending:
         return 0
-    doomed = {k for r in pending.values() for k in r["stale"]} - held
-    retired = rt.store.kv.delete_chunks([bytes.fromhex(k) for k in sorted(doomed)])
+    doomed = [bytes.fromhex(k) for k in sorted({k for r in pending.values() for k in r["stale"]} - held)]
+    linked = linked_entries(rt, doomed)  # their context-enriched entries go with them
+    retired = rt.store.kv.delete_chunks(doomed)
+    rt.store.kv.delete_chunks(linked)
     for source, record in pending.items():
         if record.get("removed"):
             rt.store.kv.delete_source(source)
@@ -295,9 +321,13 @@ def recompute_kv(rt: Runtime, chunks: list[PendingChunk]) -> None:
     if not chunks:
         return
     prefix_len = len(rt.template.prefix_ids)
+    contexts = [c.meta.get("context_ids") or [] for c in chunks]  # context-enriched entries (chunkcache/context.py)
     with rt.lock:
-        scratch = prefix_cache(rt.lm, list(rt.template.prefix_ids), prefix_len + max(len(c.token_ids) for c in chunks))
-        items = [(c.key, chunk_kv(rt.lm, scratch, prefix_len, c.token_ids, rt.kv_dtype)) for c in chunks]
+        scratch = prefix_cache(rt.lm, list(rt.template.prefix_ids),
+                               prefix_len + max(len(c.token_ids) + len(x) for c, x in zip(chunks, contexts)))
+        items = [(c.key, context_chunk_kv(rt.lm, scratch, prefix_len, context, c.token_ids, rt.kv_dtype) if context
+                  else chunk_kv(rt.lm, scratch, prefix_len, c.token_ids, rt.kv_dtype))
+                 for c, context in zip(chunks, contexts)]
     rt.store.kv.replace_kv(items)
 
 

@@ -21,8 +21,9 @@ from store import CorruptEntryError, StoreError, StoreUnavailableError
 from .accounting import cached_token_count, kv_bytes_per_token, kv_entry_bytes
 from .answer import Answer, CacheStats, Source, Timings
 from .blend import PromptLayout, blend_selector, chunk_key_bias, initial_positions, prior_positions
-from .calibration import load_blend_log_scale, load_chunk_log_scale
+from .calibration import load_blend_log_scale, load_chunk_log_scale, load_context_log_scale
 from .config import MODES, ChunkCacheConfig, check_ratio
+from .context import enriched
 from .distributed import RayOptions
 from .engine import Engine, EngineLimits, Ticket, default_kv_bytes
 from .errors import QueryError, RequestCancelled  # noqa: F401  (part of this module's API)
@@ -81,6 +82,7 @@ class Request:
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     selection_scores: torch.Tensor | None = None  # benchmark oracles only (see `evaluate`)
+    plain_entries: bool = False  # benchmarks only: place plain entries where context-enriched ones are linked
     cancelled: Callable[[], bool] | None = None  # polled between decode steps: True stops the request
 
 
@@ -328,6 +330,8 @@ class RAGPipeline:
         # Benchmark oracles: blend picks by these per-position scores (bench/oracles.py). Only
         # evaluate() takes them; no serving path does.
         req.selection_scores = kwargs.pop("selection_scores", None)
+        # A store's recipe against its plain entries, on one store (bench.run's "-plain" modes).
+        req.plain_entries = bool(kwargs.pop("plain_entries", False))
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         with self.rt.lock, torch.inference_mode():
@@ -463,15 +467,17 @@ class RAGPipeline:
         staged.cache = cache = cache if cache is not None else new_cache(self.rt.lm, self.cache_tokens(staged))
         t = time.perf_counter()
         if req.mode == "full":
-            prefix_read, hits = False, [False] * len(staged.chunks)
+            prefix_read, hits, from_context = False, [False] * len(staged.chunks), []
         else:
-            prefix_read, hits = self._load(req, staged.template, staged.chunks, layout, cache, staged.stats)
+            prefix_read, hits, from_context = self._load(req, staged.template, staged.chunks, layout, cache,
+                                                         staged.stats)
         staged.timings.load_s = time.perf_counter() - t
         staged.read = (prefix_read, hits)
         staged.sources = [Source(c.text, c.source, c.score, c.key.hex(), hit) for c, hit in zip(staged.chunks, hits)]
         log_scale = self._chunk_log_scale(req.chunk_scale, req.mode) if req.mode != "full" else None
-        if log_scale is not None:
-            cache.set_key_bias(chunk_key_bias(layout, log_scale, cache.capacity),
+        own = self._context_log_scales(req.chunk_scale, from_context)
+        if log_scale is not None or any(v is not None for v in own.values()):
+            cache.set_key_bias(chunk_key_bias(layout, log_scale, cache.capacity, own=own),
                                layout.suffix_start if req.scale_queries == "question" else 0)
         staged.positions = initial_positions(req.mode, layout, self.config.epic_tokens)
         if req.mode == "blend" and req.selection == "probe" and req.selection_scores is None:
@@ -580,9 +586,10 @@ class RAGPipeline:
         return refused
 
     def _load(self, req: Request, template: PromptTemplate, chunks: list[ChunkRef], layout: PromptLayout,
-              cache: KVCache, stats: CacheStats) -> tuple[bool, list[bool]]:
+              cache: KVCache, stats: CacheStats) -> tuple[bool, list[bool], list[bool]]:
         """Fill the cache rows of the prefix and every chunk from the store, computing misses first ->
-        (whether the prefix's KV was read rather than computed, whether each chunk's was).
+        (whether the prefix's KV was read rather than computed, whether each chunk's was, whether each chunk's
+        came from its context-enriched entry: chunkcache/context.py).
 
         A stored entry that fails its checksum (or was evicted meanwhile) is a miss too: it is recomputed into
         the cache, the store's copy is rewritten (best effort: a full disk only logs), and the request goes on.
@@ -605,10 +612,13 @@ class RAGPipeline:
         failed: set[bytes] = set()  # damaged, or evicted by another writer since the misses were stored
         damaged: set[bytes] = set()
         with rt.store.kv.reader() as reader:
-            reader.prefetch([key for key, _ in entries] + [c.key for c, _ in placed])
+            # chunk start -> the enriched entry placed there instead of the plain one (every chunk but the first)
+            context = _linked_entries(reader, placed[1:]) if enriched(rt) and not req.plain_entries else {}
+            reader.prefetch([key for key, _ in entries] + [context.get(s, c.key) for c, s in placed])
             for key, start in entries + [(c.key, s) for c, s in placed]:
+                entry = _context_entry(reader, context, start)
                 try:
-                    entry = reader.kv(key)
+                    entry = reader.kv(key) if entry is None else entry
                 except CorruptEntryError as exc:
                     log.warning("%s; recomputing it for this request and rewriting it", exc)
                     entry = None
@@ -624,6 +634,7 @@ class RAGPipeline:
             self._recompute(placed, failed, layout, cache, keep_out=unstored)
         stats.store_unavailable = not getattr(rt.store.kv, "available", True)  # a shared store's last call failed
         stats.damaged_chunks = len(damaged)
+        stats.context_chunks = len(context)
         stats.unstored_chunks = sum(c.key in unstored for c in chunks)
         misses = missing | failed
         stats.chunk_misses = sum(c.key in misses for c in chunks)
@@ -631,7 +642,8 @@ class RAGPipeline:
         # Only request text's usage orders eviction; corpus entries are evicted blind to who read them.
         rt.store.kv.touch([c.key for c in chunks if c.from_request and c.key not in misses])
         cache.length = layout.suffix_start
-        return prefix_read and prefix_key not in failed, [c.key not in misses for c in chunks]
+        return (prefix_read and prefix_key not in failed, [c.key not in misses for c in chunks],
+                [s in context for _, s in placed])
 
     def _store_misses(self, req: Request, chunks: list[ChunkRef], missing: set[bytes], prefix_key: bytes) -> set[bytes]:
         """Compute and store the missed chunks (and the store's prompt prefix) so that the reads that follow
@@ -711,6 +723,17 @@ class RAGPipeline:
             table = load_chunk_log_scale(lm.calibration_id, lm.num_layers, lm.num_q_heads)
             return None if table is None else table.to(lm.device)
         return torch.full((lm.num_layers, 1), math.log(chunk_scale), device=lm.device)
+
+    def _context_log_scales(self, chunk_scale, from_context: list[bool]) -> dict[int, torch.Tensor | None]:
+        """{chunk index: log(S) [layers, 1] on device, or None for S = 1} for the chunks placed from their
+        context-enriched entry, under the "calibrated" scale: the recipe's own S. A given S (or "off") applies
+        to every stale chunk alike, so then there is nothing of their own."""
+        if chunk_scale != "calibrated" or not any(from_context):
+            return {}
+        lm = self.rt.lm
+        value = load_context_log_scale(lm.calibration_id, self.config.chunk_context)
+        scale = None if value is None else torch.full((lm.num_layers, 1), value, device=lm.device)
+        return {i: scale for i, placed in enumerate(from_context) if placed}
 
     def _generation(self, req: Request, prep: Prepared,
                     step_logits: list[torch.Tensor] | None = None) -> Generation:
@@ -811,6 +834,32 @@ def _turns(history) -> tuple[tuple[str, str], ...]:
     if turns and turns[0][0] != "user":
         raise QueryError("history must open with a user turn (the one the documents go with)")
     return tuple(turns)
+
+
+def _linked_entries(reader, placed: list[tuple[ChunkRef, int]]) -> dict[int, bytes]:
+    """{chunk start: the key of the chunk's context-enriched entry} for the placed chunks whose metadata links one."""
+    reader.prefetch([c.key for c, _ in placed], kv=False, meta=True)
+    linked = {}
+    for chunk, start in placed:
+        meta = _meta_or_none(reader, chunk.key)
+        if meta and meta.get("context_key"):
+            linked[start] = bytes.fromhex(meta["context_key"])
+    return linked
+
+
+def _context_entry(reader, context: dict[int, bytes], start: int | None):
+    """The enriched entry to place at `start`, or None (then the plain one): none linked, evicted or damaged
+    (logged). An entry that falls back leaves `context`."""
+    if start not in context:
+        return None
+    try:
+        entry = reader.kv(context[start])
+    except CorruptEntryError as exc:
+        log.warning("%s; placing the chunk's plain entry (`chunkcache verify --repair` recomputes it)", exc)
+        entry = None
+    if entry is None:
+        del context[start]
+    return entry
 
 
 def _meta_or_none(reader, key: bytes | None) -> dict | None:

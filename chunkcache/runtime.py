@@ -110,6 +110,7 @@ class Runtime:
             "prefix_hash": self.template.prefix_hash,
             "index_kind": self.config.index_kind,
             "linear_dtype": self.lm.linear_dtype,
+            "chunk_context": self.config.chunk_context,
             "max_store_bytes": self.config.max_store_bytes,
             "num_layers": self.lm.num_layers,
             "num_kv_heads": self.lm.num_kv_heads,
@@ -117,11 +118,11 @@ class Runtime:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
 
-    def key_for(self, token_ids, namespace: str | None = None) -> bytes:
-        """The store key of a chunk computed after this runtime's prefix."""
+    def key_for(self, token_ids, namespace: str | None = None, context_ids=()) -> bytes:
+        """The store key of a chunk computed after this runtime's prefix (and `context_ids` after it)."""
         ns = self.config.namespace if namespace is None else namespace
         return chunk_key(self.lm.fingerprint, self.template.prefix_ids, token_ids,
-                         kv_dtype=self.config.kv_dtype, namespace=ns)
+                         kv_dtype=self.config.kv_dtype, namespace=ns, context_ids=context_ids)
 
     def template_for(self, system_prompt: str | None) -> PromptTemplate:
         """The prompt template under a request's own system prompt (None, or the store's: the store's)."""

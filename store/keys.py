@@ -9,6 +9,7 @@ from typing import Sequence
 from .codec import KV_DTYPE_NAMES, KV_FORMAT_VERSION
 
 _DOMAIN = b"chunkcache/chunk_key"
+_CONTEXT = b"context"  # tags the optional context field, so no plain key can collide with it
 
 
 def chunk_key(
@@ -18,6 +19,7 @@ def chunk_key(
     *,
     kv_dtype: str,
     namespace: str = "",
+    context_ids: Sequence[int] = (),
     format_version: int = KV_FORMAT_VERSION,
 ) -> bytes:
     """Key of a chunk's KV cache: changes whenever the stored tensors would.
@@ -32,6 +34,9 @@ def chunk_key(
         kv_dtype: storage dtype name, one of "float16", "bfloat16", "float32", "int8".
         namespace: tenant salt; "" means the shared cache. Separate namespaces never share entries, so one
             tenant cannot learn through timing which chunks another used.
+        context_ids: token ids of the context the chunk was computed after, between the prefix and the chunk
+            (a context-enriched entry: chunkcache/context.py); its keys are stored at the positions right after
+            the prefix, as a plain entry's. Empty (a plain entry) adds no field, so plain keys are unchanged.
         format_version: KV byte-format version the entry is written in.
 
     Returns:
@@ -50,6 +55,7 @@ def chunk_key(
         namespace.encode("utf-8"),
         _pack_ids(prefix_ids, "prefix_ids"),
         _pack_ids(token_ids, "token_ids"),
+        *((_CONTEXT, _pack_ids(context_ids, "context_ids")) if len(context_ids) else ()),
     ):
         h.update(struct.pack("<Q", len(field)))
         h.update(field)

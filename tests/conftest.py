@@ -19,6 +19,16 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
+def _bf16_linears() -> bool:
+    from chunkcache.cpu_linear import onednn_bf16_available
+
+    return onednn_bf16_available()
+
+
+# bf16 packed linears need oneDNN's bf16 products (AVX-512 BW/VL/DQ or AMX); elsewhere loading refuses them.
+needs_bf16_linears = pytest.mark.skipif(not _bf16_linears(), reason="no oneDNN bf16 products on this CPU")
+
+
 def make_tiny_lm(tokenizer, *, seed: int = 0, layers: int = TINY_LAYERS, rope_parameters=None, model_type="llama",
                  linear_dtype: str = "float32"):
     from transformers import LlamaConfig, LlamaForCausalLM

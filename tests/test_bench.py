@@ -111,8 +111,11 @@ def test_parse_mode():
                              "check_layer": 3}
     assert [s.name for s in parse_modes(["reuse", "full", "blend-0.1", "blend-0.10"])] == ["full", "reuse",
                                                                                             "blend-0.10"]
+    assert parse_mode("blend-0.15-probe-s0.5-plain").kwargs() == {
+        "mode": "blend", "recompute_ratio": 0.15, "deviation": "value", "selection": "probe", "chunk_scale": 0.5,
+        "plain_entries": True}
     for bad in ("blend", "blend-1.5", "blend-0.1-sideways", "prefix", "reuse-c3", "blend-0.1-c3-key",
-                "blend-0.1-s9", "full-s0.5"):
+                "blend-0.1-s9", "full-s0.5", "reuse-plain-s0.5"):
         with pytest.raises(ValueError):
             parse_mode(bad)
 

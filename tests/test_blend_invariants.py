@@ -10,6 +10,8 @@ from chunkcache.forward import forward_tokens
 from chunkcache.kvcache import new_cache
 from chunkcache.prompt import chunk_token_ids
 
+from .conftest import needs_bf16_linears
+
 QUESTION = "Where is Mount Everest?"
 FORCED = [1000, 2000, 3000, 4000, 5000]
 
@@ -40,6 +42,7 @@ def test_blend_ratio_one_equals_full(tiny_pipe, docs):
     torch.testing.assert_close(blend, full, rtol=1e-4, atol=1e-4)
 
 
+@needs_bf16_linears
 def test_blend_ratio_one_equals_full_with_bfloat16_linear_weights(tmp_path, tokenizer, hash_embedder, docs):
     from .conftest import make_tiny_lm, open_tiny_pipe
 

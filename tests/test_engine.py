@@ -13,7 +13,7 @@ import pytest
 from chunkcache.engine import EngineLimits
 from chunkcache.errors import EngineBusy, QueryError, RequestCancelled
 
-from .conftest import DOCS, make_tiny_lm, open_tiny_pipe, wait_until_idle
+from .conftest import DOCS, make_tiny_lm, needs_bf16_linears, open_tiny_pipe, wait_until_idle
 
 QUESTIONS = ["Where is Mount Everest?", "What carries the most water?", "Who designed the tower?",
              "Which fair was in 1889?", "Where is Nepal?", "How high is Everest?", "What flows through Brazil?",
@@ -47,6 +47,7 @@ def test_greedy_answers_batched_with_seven_others_equal_answers_alone(pipe):
     _check_batched_equals_alone(pipe)
 
 
+@needs_bf16_linears
 def test_batched_equals_alone_with_bfloat16_linear_weights(tmp_path, tokenizer, hash_embedder):
     """bf16 weights (chunkcache/cpu_linear.py) keep the batch invariance: oneDNN's product of a row does not
     depend on the rows beside it."""

@@ -46,6 +46,9 @@ class Metrics:
         self.unstored_chunks = Counter("chunkcache_unstored_chunks",
                                        "Request documents computed for the request only, not stored: their tenant "
                                        "was over its document quota, or documents are not persisted", registry=r)
+        self.context_chunks = Counter("chunkcache_context_chunks",
+                                      "Chunks placed from their context-enriched entry (chunk_context neighbour)",
+                                      registry=r)
         self.store_unavailable = Counter("chunkcache_store_unavailable_requests",
                                          "Requests served while the shared store (Redis) was unreachable: what "
                                          "they could not read was computed locally", registry=r)
@@ -88,6 +91,7 @@ class Metrics:
         self.prompt_tokens.inc(s.prompt_tokens)
         self.damaged_entries.inc(s.damaged_chunks)
         self.unstored_chunks.inc(s.unstored_chunks)
+        self.context_chunks.inc(s.context_chunks)
         self.store_unavailable.inc(int(s.store_unavailable))
         self.completion_tokens.inc(s.completion_tokens)
         self.queue_time.observe(answer.timings.queue_s)
