@@ -43,13 +43,16 @@ def enrich_chunks(rt: Runtime, keys: list[bytes], *, bar=None) -> tuple[int, int
     neighbour's are computed too where its entry is gone): ingest computes each token about twice in all."""
     if not enriched(rt) or not keys:
         return 0, 0
-    todo = _unenriched(rt, list(dict.fromkeys(keys)))
+    todo = unenriched(rt, list(dict.fromkeys(keys)))
     if bar is not None:
         bar.reset(total=len(todo))
     pairs = nearest_neighbours(rt, todo)
     if not pairs:
         return 0, 0
     metas = _metas(rt, {k for pair in pairs for k in pair})
+    pairs = [(k, n) for k, n in pairs if k in metas and n in metas]  # damaged, or retired meanwhile: skipped
+    if not pairs:
+        return 0, 0
     prefix_ids = list(rt.template.prefix_ids)
     longest = max(len(metas[k]["token_ids"]) + len(metas[n]["token_ids"]) for k, n in pairs)
     computed = tokens = 0
@@ -62,7 +65,7 @@ def enrich_chunks(rt: Runtime, keys: list[bytes], *, bar=None) -> tuple[int, int
                 context_key = rt.key_for(chunk_ids, context_ids=context_ids)
                 links.append((key, context_key))
                 if rt.store.kv.missing([context_key]):  # else written by a run that stopped before linking it
-                    context_kv = _plain_kv(rt, neighbour)
+                    context_kv = plain_kv(rt, neighbour)
                     kv = context_chunk_kv(rt.lm, scratch, len(prefix_ids), context_ids, chunk_ids, rt.kv_dtype,
                                           context_kv=context_kv)
                     items.append((context_key, kv, context_meta(key, neighbour, chunk_ids, context_ids), None))
@@ -77,7 +80,7 @@ def enrich_chunks(rt: Runtime, keys: list[bytes], *, bar=None) -> tuple[int, int
     return computed, tokens
 
 
-def _plain_kv(rt: Runtime, key: bytes):
+def plain_kv(rt: Runtime, key: bytes):
     """A copy of `key`'s stored entry as the pipeline would place it, or None (evicted or damaged: recompute)."""
     from store import CorruptEntryError
 
@@ -96,7 +99,7 @@ def context_meta(key: bytes, neighbour: bytes, chunk_ids: list[int], context_ids
 
 def nearest_neighbours(rt: Runtime, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
     """(chunk, its nearest other indexed chunk) for each of `keys` that has an embedding and a neighbour."""
-    vectors = {k: rt.store.kv.embedding(k) for k in keys}
+    vectors = {k: _embedding(rt, k) for k in keys}
     keys = [k for k in keys if vectors[k] is not None]
     index = rt.store.index()
     if not keys or index.ntotal < 2:
@@ -113,12 +116,24 @@ def nearest_neighbours(rt: Runtime, keys: list[bytes]) -> list[tuple[bytes, byte
     return pairs
 
 
+def _embedding(rt: Runtime, key: bytes):
+    from store import CorruptEntryError
+
+    try:
+        return rt.store.kv.embedding(key)
+    except CorruptEntryError as exc:  # `chunkcache verify --repair` re-embeds it; the chunk stays plain meanwhile
+        log.warning("%s; its context-enriched entry is not computed", exc)
+        return None
+
+
 def linked_entries(rt: Runtime, keys: list[bytes]) -> list[bytes]:
     """The enriched entries that `keys`' metadata links to (to retire with them)."""
+    if not enriched(rt):
+        return []
     return [bytes.fromhex(m["context_key"]) for m in _metas(rt, set(keys)).values() if m.get("context_key")]
 
 
-def _unenriched(rt: Runtime, keys: list[bytes]) -> list[bytes]:
+def unenriched(rt: Runtime, keys: list[bytes]) -> list[bytes]:
     """The chunks of `keys` whose enriched entry is not linked, or is linked but gone (evicted, retired)."""
     metas = _metas(rt, set(keys))
     linked = {k: bytes.fromhex(m["context_key"]) for k, m in metas.items() if m.get("context_key")}

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .chunker import Chunk, split_chunks
-from .context import enrich_chunks, enriched, linked_entries
+from .context import enrich_chunks, enriched, linked_entries, plain_kv, unenriched
 from .distributed import RayOptions
 from .corpus import SUPPORTED_SUFFIXES, CorpusError, Document, content_digest, read_documents, scan_paths
 from .kvcompute import chunk_kv, context_chunk_kv, extract_kv, prefix_cache
@@ -190,27 +190,18 @@ def _store_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]],
             compute_on_ray(rt, pending, ray, report, bar)
             rt.store.refresh()  # the workers' chunks join the index by id, like another process's
             report.chunks_reused -= report.chunks_computed  # counted below as already stored
-        records = {}
         for source, digest, chunks in todo:
             old = rt.store.kv.get_source(source) or {}
             stored = store_chunks(rt, chunks, report=report, bar=bar, embed=True)
             report.chunks += len(chunks)
             keys = [k.hex() for k in stored]
             stale = sorted((set(old.get("keys", [])) | set(old.get("stale", []))) - set(keys))
-            records[source] = {"digest": digest, "complete": True, "num_chunks": len(chunks), "keys": keys,
-                               **({"stale": stale} if stale else {})}
-            rt.store.kv.put_source(source, records[source])
-        if enriched(rt) and todo:
-            # After every source is stored and indexed, so that each chunk's neighbour is found among all of them.
-            t = time.perf_counter()
-            bar.set_description("context")
-            report.context_entries, report.context_tokens = enrich_chunks(
-                rt, [c.key for _, _, chunks in todo for c in chunks], bar=bar)
-            report.seconds_context = time.perf_counter() - t
-            for source, record in records.items():
-                rt.store.kv.put_source(source, {**record, "enriched": True})
+            rt.store.kv.put_source(source, {"digest": digest, "complete": True, "num_chunks": len(chunks),
+                                            "keys": keys, **({"stale": stale} if stale else {})})
         on_done()
         report.chunks_retired = retire_stale(rt)
+        if enriched(rt) and todo:
+            _enrich_sources(rt, todo, report, bar)
     except BaseException:
         bar.close()
         # NOTE: the first error is the one to report (e.g. disk full); a failed index save must not mask it.
@@ -221,6 +212,24 @@ def _store_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]],
         raise
     bar.close()
     rt.store.save_index()
+
+
+def _enrich_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]], report: IngestReport,
+                    bar) -> None:
+    """The context-enriched entries of the sources' chunks (chunkcache/context.py). Run once every source is
+    stored and indexed and the stale chunks are retired, so that each chunk's neighbour is found among all of
+    today's chunks, never an edited-away version of itself. A source is marked enriched once every chunk of
+    it is linked; one that is not (no neighbour yet: the store's first document) is tried again next time."""
+    t = time.perf_counter()
+    bar.set_description("context")
+    keys = [c.key for _, _, chunks in todo for c in chunks]
+    report.context_entries, report.context_tokens = enrich_chunks(rt, keys, bar=bar)
+    report.seconds_context = time.perf_counter() - t
+    unlinked = set(unenriched(rt, keys))
+    for source, _, chunks in todo:
+        record = rt.store.kv.get_source(source)
+        if record and not any(c.key in unlinked for c in chunks):
+            rt.store.kv.put_source(source, {**record, "enriched": True})
 
 
 def _mark_removed(rt: Runtime, paths, present: set[str]) -> None:
@@ -258,9 +267,9 @@ def retire_stale(rt: Runtime) -> int:
     if not pending:
         return 0
     doomed = [bytes.fromhex(k) for k in sorted({k for r in pending.values() for k in r["stale"]} - held)]
-    linked = linked_entries(rt, doomed)  # their context-enriched entries go with them
+    # Their context-enriched entries go first: a run stopped in between leaves no entry without its chunk.
+    rt.store.kv.delete_chunks(linked_entries(rt, doomed))
     retired = rt.store.kv.delete_chunks(doomed)
-    rt.store.kv.delete_chunks(linked)
     for source, record in pending.items():
         if record.get("removed"):
             rt.store.kv.delete_source(source)
@@ -325,8 +334,10 @@ def recompute_kv(rt: Runtime, chunks: list[PendingChunk]) -> None:
     with rt.lock:
         scratch = prefix_cache(rt.lm, list(rt.template.prefix_ids),
                                prefix_len + max(len(c.token_ids) + len(x) for c, x in zip(chunks, contexts)))
-        items = [(c.key, context_chunk_kv(rt.lm, scratch, prefix_len, context, c.token_ids, rt.kv_dtype) if context
-                  else chunk_kv(rt.lm, scratch, prefix_len, c.token_ids, rt.kv_dtype))
+        # An enriched entry is recomputed as ingest computed it: over its neighbour's stored entry, if still there.
+        items = [(c.key, context_chunk_kv(rt.lm, scratch, prefix_len, context, c.token_ids, rt.kv_dtype,
+                                          context_kv=plain_kv(rt, bytes.fromhex(c.meta["neighbour"])))
+                  if context else chunk_kv(rt.lm, scratch, prefix_len, c.token_ids, rt.kv_dtype))
                  for c, context in zip(chunks, contexts)]
     rt.store.kv.replace_kv(items)
 

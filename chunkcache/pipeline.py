@@ -838,12 +838,18 @@ def _turns(history) -> tuple[tuple[str, str], ...]:
 
 def _linked_entries(reader, placed: list[tuple[ChunkRef, int]]) -> dict[int, bytes]:
     """{chunk start: the key of the chunk's context-enriched entry} for the placed chunks whose metadata links one."""
-    reader.prefetch([c.key for c, _ in placed], kv=False, meta=True)
     linked = {}
-    for chunk, start in placed:
-        meta = _meta_or_none(reader, chunk.key)
-        if meta and meta.get("context_key"):
-            linked[start] = bytes.fromhex(meta["context_key"])
+    try:
+        reader.prefetch([c.key for c, _ in placed], kv=False, meta=True)
+        for chunk, start in placed:
+            try:
+                meta = reader.meta(chunk.key)
+            except CorruptEntryError:  # its plain entry then (`chunkcache verify` reports the damage)
+                continue
+            if meta and meta.get("context_key"):
+                linked[start] = bytes.fromhex(meta["context_key"])
+    except StoreUnavailableError as exc:  # the shared store went away: plain entries (computed if need be)
+        log.debug("%s; placing plain entries", exc)
     return linked
 
 
@@ -856,6 +862,9 @@ def _context_entry(reader, context: dict[int, bytes], start: int | None):
         entry = reader.kv(context[start])
     except CorruptEntryError as exc:
         log.warning("%s; placing the chunk's plain entry (`chunkcache verify --repair` recomputes it)", exc)
+        entry = None
+    except StoreUnavailableError as exc:  # the shared store went away: the plain entry (computed if need be)
+        log.debug("%s; placing the chunk's plain entry", exc)
         entry = None
     if entry is None:
         del context[start]

@@ -156,9 +156,38 @@ def test_retiring_a_chunk_retires_its_enriched_entry(tmp_path, tiny_pipe):
     tiny_pipe.ingest_texts([{"text": t, "source": f"s{i}"} for i, t in enumerate(DOCS)], progress=False)
     everest = next(k for k in links(tiny_pipe) if "Everest" in tiny_pipe.rt.store.kv.get_meta(k)["text"])
     context_key = bytes.fromhex(tiny_pipe.rt.store.kv.get_meta(everest)["context_key"])
-    report = tiny_pipe.ingest_texts([{"text": "K2 is in the Karakoram range.", "source": "s1"}], progress=False)
+    edited = DOCS[1].replace("highest", "tallest")
+    report = tiny_pipe.ingest_texts([{"text": edited, "source": "s1"}], progress=False)
     assert report.chunks_retired == 1 and report.context_entries == 1
     assert tiny_pipe.rt.store.kv.get_meta(everest) is None and tiny_pipe.rt.store.kv.get_meta(context_key) is None
+    # The edited chunk's neighbour is another chunk, never the version of itself it replaced.
+    (entry,) = [e for e in links(tiny_pipe).values() if "tallest" in tiny_pipe.rt.lm.tokenizer.decode(e["token_ids"])]
+    assert entry["neighbour"] != everest.hex() and tiny_pipe.rt.store.kv.get_meta(bytes.fromhex(entry["neighbour"]))
+
+
+def test_the_first_document_is_enriched_once_it_has_a_neighbour(tiny_pipe):
+    first = tiny_pipe.ingest_texts([DOCS[0]], progress=False)
+    assert first.context_entries == 0 and links(tiny_pipe) == {}  # nothing to be enriched by yet
+    second = tiny_pipe.ingest_texts(DOCS[:2], progress=False)
+    assert second.files_unchanged == 0 and second.context_entries == 2 and len(links(tiny_pipe)) == 2
+    assert tiny_pipe.ingest_texts(DOCS[:2], progress=False).files_unchanged == 2
+
+
+def test_an_outage_of_the_shared_store_serves_plain_entries(tmp_path, tiny_lm, hash_embedder):
+    from store.redislocal import LocalRedis
+
+    server = LocalRedis(tmp_path / "r")
+    try:
+        with RAGPipeline.open(server.url, lm=tiny_lm, embedder=hash_embedder, kv_dtype="float32", chunk_tokens=48,
+                              max_new_tokens=4) as pipe:
+            pipe.ingest_texts(DOCS, progress=False)
+            assert pipe.query(QUESTION, top_k=3, mode="reuse").stats.context_chunks == 2
+            server.stop()
+            for kwargs in ({"top_k": 3}, {"documents": DOCS[::-1]}):
+                answer = pipe.query(QUESTION, mode="blend", **kwargs)
+                assert answer.stats.store_unavailable and answer.stats.context_chunks == 0
+    finally:
+        server.stop()
 
 
 def test_an_ingest_stopped_before_its_enriched_entries_finishes_them_next_time(tiny_pipe, monkeypatch):
