@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"S {value:g}: fit KL {scores[value]['kl_mean']:.4f} top-1 {scores[value]['top1']:.3f}", flush=True)
         best = min(grid, key=lambda v: scores[v]["kl_mean"])
         held = [questions[i] for i in eval_ids]
-        report = {"selection": "probe", "ratio": a.ratio, "chunk_context": a.chunk_context, "fit_questions": a.fit, "eval_questions": a.eval,
+        report = {"selection": "probe", "ratio": a.ratio, "chunk_context": a.chunk_context, "fit_questions": a.fit,
+                  "eval_questions": a.eval,
                   "grid": {str(k): v for k, v in scores.items()}, "chosen": best,
                   "eval": {"table": mean_fidelity(pipe, held, base, a.max_new_tokens),
                            str(best): mean_fidelity(pipe, held, replace(base, chunk_scale=best), a.max_new_tokens)},

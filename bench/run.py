@@ -81,8 +81,8 @@ class ModeSpec:
 MODE_HELP = ("full, reuse, epic or blend-R, with optional suffixes -key/-value (deviation), -{selections} "
              "(selection), -oracle/-oracleout (bench-only oracle selection), -cN (check layer), "
              "-soff/-scal/-sS (attention scale on reused chunks: off, calibrated, one S) and -qonly/-qall (the "
-             "scale on the question's queries only, or on recomputed chunk tokens' too), -plain (the store's plain entries where "
-             "it has context-enriched ones), e.g. blend-0.15-key-c3 or reuse-s0.5")
+             "scale on the question's queries only, or on recomputed chunk tokens' too), -plain (the store's plain "
+             "entries where it has context-enriched ones), e.g. blend-0.15-key-c3 or reuse-s0.5")
 
 
 def parse_mode(name: str) -> ModeSpec:

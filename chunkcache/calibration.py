@@ -6,7 +6,8 @@ A calibration holds log(S) for the attention scale on reused chunks (see `blend.
 most, the stale rows left are another population, and a smaller uniform S fits them better than
 reuse's table. It is keyed by the model's weights and architecture, not its compute dtype, so the
 same file serves fp32 on CPU and bf16 on a GPU. A context-enriched chunk (chunkcache/context.py) lost less
-of its context, so it takes its own uniform S per recipe (`context_log_scale`, `bench.calibrate_context`). A model without a file gets no correction (S = 1): a
+of its context, so it takes its own uniform S per recipe (`context_log_scale`,
+`bench.calibrate_blend --chunk-context neighbour`). A model without a file gets no correction (S = 1): a
 scale fitted on one model says nothing about another.
 """
 from __future__ import annotations

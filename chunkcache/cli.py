@@ -12,8 +12,8 @@ import sys
 
 from store import DamagedStoreError
 
-from .config import (CHUNK_CONTEXTS, CHUNK_SCALES, DEVIATIONS, INDEX_KINDS, KV_DTYPES, LINEAR_DTYPES, MODES, SCALE_QUERIES,
-                     SELECTIONS, ChunkCacheConfig, cache_home, check_chunk_scale)
+from .config import (CHUNK_CONTEXTS, CHUNK_SCALES, DEVIATIONS, INDEX_KINDS, KV_DTYPES, LINEAR_DTYPES, MODES,
+                     SCALE_QUERIES, SELECTIONS, ChunkCacheConfig, cache_home, check_chunk_scale)
 from .config_sources import load_sources
 from .corpus import SUPPORTED_SUFFIXES
 
