@@ -44,31 +44,36 @@ def write_calibration(lm, log_scale: torch.Tensor, report: dict) -> Path:
 
 def write_blend_scale(lm, scale: float, report: dict) -> Path:
     """Add blend's uniform S to `lm`'s calibration file (which `write_calibration` made first)."""
-    path = calibration_path(lm.calibration_id)
-    if not path.exists():
-        raise ValueError(f"{lm.spec} has no calibration file yet; fit reuse's first: python -m bench.calibrate")
-    if not 0.0 < scale <= 1.0:
-        raise ValueError(f"blend scale must be in (0, 1], got {scale}")
-    body = json.loads(path.read_text())
-    body["blend_log_scale"] = round(math.log(scale), 5)
-    body["blend_fit"] = report
-    path.write_text(json.dumps(body, indent=1) + "\n")
+    def add(body: dict) -> None:
+        body["blend_log_scale"] = round(math.log(scale), 5)
+        body["blend_fit"] = report
+
+    path = _add_uniform_scale(lm, "blend", scale, add)
     load_blend_log_scale.cache_clear()
     return path
 
 
 def write_context_scale(lm, recipe: str, scale: float, report: dict) -> Path:
     """Add the uniform S of chunks enriched by `recipe` (a chunk_context) to `lm`'s calibration file."""
+    def add(body: dict) -> None:
+        body.setdefault("context_log_scale", {})[recipe] = round(math.log(scale), 5)
+        body.setdefault("context_fit", {})[recipe] = report
+
+    path = _add_uniform_scale(lm, "context", scale, add)
+    load_context_log_scale.cache_clear()
+    return path
+
+
+def _add_uniform_scale(lm, what: str, scale: float, add) -> Path:
+    """Check `scale`, then let `add` put it into `lm`'s calibration file (which `write_calibration` made)."""
     path = calibration_path(lm.calibration_id)
     if not path.exists():
         raise ValueError(f"{lm.spec} has no calibration file yet; fit reuse's first: python -m bench.calibrate")
     if not 0.0 < scale <= 1.0:
-        raise ValueError(f"context scale must be in (0, 1], got {scale}")
+        raise ValueError(f"{what} scale must be in (0, 1], got {scale}")
     body = json.loads(path.read_text())
-    body.setdefault("context_log_scale", {})[recipe] = round(math.log(scale), 5)
-    body.setdefault("context_fit", {})[recipe] = report
+    add(body)
     path.write_text(json.dumps(body, indent=1) + "\n")
-    load_context_log_scale.cache_clear()
     return path
 
 

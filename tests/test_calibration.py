@@ -78,3 +78,29 @@ def test_blend_has_its_own_scale_and_reuse_keeps_the_table(calibration_dir, tiny
     torch.testing.assert_close(blend, uniform, atol=1e-6, rtol=0)
     reuse, _ = tiny_pipe.score(QUESTION, FORCED, documents=docs, mode="reuse", chunk_scale="calibrated")
     torch.testing.assert_close(reuse, reuse_table)
+
+
+def test_enriched_chunks_take_their_recipes_scale(calibration_dir, tiny_pipe, docs):
+    """With a context scale in the file, blend ("calibrated") over enriched chunks runs exactly as with that S
+    given; over the plain entries it keeps blend's own S."""
+    lm = tiny_pipe.rt.lm
+    tiny_pipe.ingest_texts(docs, progress=False)
+    calibration.write_calibration(lm, torch.full((lm.num_layers, 1), -1.0), {})
+    calibration.write_blend_scale(lm, 0.35, {})
+    with pytest.raises(ValueError, match="context scale"):
+        calibration.write_context_scale(lm, "neighbour", 0.0, {})
+    path = calibration.write_context_scale(lm, "neighbour", 0.85, {"chosen": 0.85})
+    body = json.loads(path.read_text())
+    assert body["context_fit"] == {"neighbour": {"chosen": 0.85}} and "blend_log_scale" in body
+    kwargs = dict(documents=docs, mode="blend", recompute_ratio=0.3)
+    calibrated, stats = tiny_pipe.score(QUESTION, FORCED, chunk_scale="calibrated", **kwargs)
+    assert stats.context_chunks == 2
+    given, _ = tiny_pipe.score(QUESTION, FORCED, chunk_scale=math.exp(body["context_log_scale"]["neighbour"]),
+                               **kwargs)
+    torch.testing.assert_close(calibrated, given, atol=1e-6, rtol=0)
+    logprobs, plain = tiny_pipe.evaluate(QUESTION, FORCED, free_running=False, chunk_scale="calibrated",
+                                         plain_entries=True, **kwargs)
+    blend_s, _ = tiny_pipe.evaluate(QUESTION, FORCED, free_running=False, plain_entries=True,
+                                    chunk_scale=math.exp(body["blend_log_scale"]), **kwargs)
+    assert plain.stats.context_chunks == 0
+    torch.testing.assert_close(logprobs, blend_s, atol=1e-6, rtol=0)
