@@ -343,6 +343,7 @@ def format_details(answer) -> str:
     lines.append(f"mode {s.mode}: {s.prompt_tokens} prompt tokens, {s.cached_tokens} reused from cache, "
                  f"{s.recomputed_tokens} recomputed ({s.recompute_fraction:.0%} of chunk tokens), "
                  f"chunks {s.chunk_hits} hit / {s.chunk_misses} miss"
+                 + (f" ({s.context_chunks} context-enriched)" if s.context_chunks else "")
                  + (f", {s.dropped_chunks} dropped to fit the context" if s.dropped_chunks else ""))
     return "\n".join(lines)
 
