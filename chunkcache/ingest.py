@@ -104,6 +104,7 @@ def ingest_paths(rt: Runtime, paths, *, progress: bool = True, chunker: Chunker 
     scan = scan_paths(paths)
     report = IngestReport(skipped=dict(scan.skipped), ignored=dict(scan.ignored))
     todo: list[tuple[str, str, list[PendingChunk]]] = []
+    retry: list[tuple[str, list[bytes]]] = []  # unchanged sources whose enriched entries are not all there
     for path in scan.files:
         try:
             read = read_documents(path)
@@ -115,10 +116,7 @@ def ingest_paths(rt: Runtime, paths, *, progress: bool = True, chunker: Chunker 
         report.files += 1
         report.documents += len(docs)
         digest = "|".join(d.digest for d in docs)
-        record = rt.store.kv.get_source(str(path))
-        if _up_to_date(rt, record, digest):
-            report.files_unchanged += 1
-            report.chunks += record.get("num_chunks", 0)
+        if _unchanged(rt, str(path), digest, report, retry):
             continue
         todo.append((str(path), digest, [c for d in docs for c in document_chunks(rt, d, chunker)]))
     if report.files == 0 and not todo:
@@ -126,7 +124,7 @@ def ingest_paths(rt: Runtime, paths, *, progress: bool = True, chunker: Chunker 
                           + (f" ({len(report.skipped)} file(s) skipped, see below)" if report.skipped else "")
                           + "\n" + "\n".join(f"  {p}: {w}" for p, w in report.skipped.items()))
     _store_sources(rt, todo, report, progress, on_done=lambda: _mark_removed(rt, paths, {str(f) for f in scan.files}),
-                   ray=ray)
+                   ray=ray, retry=retry)
     report.seconds_total = time.perf_counter() - started
     return report
 
@@ -139,17 +137,15 @@ def ingest_texts(rt: Runtime, items, *, progress: bool = True, chunker: Chunker 
     started = time.perf_counter()
     report = IngestReport()
     todo: list[tuple[str, str, list[PendingChunk]]] = []
+    retry: list[tuple[str, list[bytes]]] = []  # unchanged sources whose enriched entries are not all there
     for number, item in enumerate(items):
         doc = text_document(item, number)
         report.files += 1
         report.documents += 1
-        record = rt.store.kv.get_source(doc.source)
-        if _up_to_date(rt, record, doc.digest):
-            report.files_unchanged += 1
-            report.chunks += record.get("num_chunks", 0)
+        if _unchanged(rt, doc.source, doc.digest, report, retry):
             continue
         todo.append((doc.source, doc.digest, document_chunks(rt, doc, chunker)))
-    _store_sources(rt, todo, report, progress, ray=ray)
+    _store_sources(rt, todo, report, progress, ray=ray, retry=retry)
     report.seconds_total = time.perf_counter() - started
     return report
 
@@ -170,15 +166,25 @@ def text_document(item, number: int) -> Document:
     return Document(str(source) if source else f"text:{digest}", text, digest)
 
 
-def _up_to_date(rt: Runtime, record: dict | None, digest: str) -> bool:
-    """Whether a source's record says it is stored as it is now (its enriched entries included)."""
-    return bool(record and record.get("digest") == digest and record.get("complete")
-                and (not enriched(rt) or record.get("enriched")))
+def _unchanged(rt: Runtime, source: str, digest: str, report: IngestReport,
+               retry: list[tuple[str, list[bytes]]]) -> bool:
+    """Whether the source is stored as it is now (then counted as unchanged). One whose chunks are not all
+    linked to an enriched entry yet (no neighbour then: the store's first document) joins `retry`."""
+    record = rt.store.kv.get_source(source)
+    if not (record and record.get("digest") == digest and record.get("complete")):
+        return False
+    report.files_unchanged += 1
+    report.chunks += record.get("num_chunks", 0)
+    if enriched(rt) and not record.get("enriched"):
+        retry.append((source, [bytes.fromhex(k) for k in record.get("keys", [])]))
+    return True
 
 
 def _store_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]], report: IngestReport,
-                   progress: bool, on_done: Callable[[], None] = lambda: None, ray: RayOptions | None = None) -> None:
-    """Store every source's chunks (computing the missing KVs), record each source, retire stale chunks."""
+                   progress: bool, on_done: Callable[[], None] = lambda: None, ray: RayOptions | None = None,
+                   retry: list[tuple[str, list[bytes]]] = ()) -> None:
+    """Store every source's chunks (computing the missing KVs), record each source, retire stale chunks, then
+    compute the enriched entries of these sources' chunks and of `retry`'s."""
     ensure_prefix(rt)
     missing = set(rt.store.kv.missing([c.key for _, _, chunks in todo for c in chunks]))
     bar = tqdm(total=len(missing), unit="chunk", disable=not progress, desc="ingest", dynamic_ncols=True)
@@ -200,8 +206,9 @@ def _store_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]],
                                             "keys": keys, **({"stale": stale} if stale else {})})
         on_done()
         report.chunks_retired = retire_stale(rt)
-        if enriched(rt) and todo:
-            _enrich_sources(rt, todo, report, bar)
+        if enriched(rt) and (todo or retry):
+            _enrich_sources(rt, [(source, [c.key for c in chunks]) for source, _, chunks in todo] + list(retry),
+                            report, bar)
     except BaseException:
         bar.close()
         # NOTE: the first error is the one to report (e.g. disk full); a failed index save must not mask it.
@@ -214,21 +221,20 @@ def _store_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]],
     rt.store.save_index()
 
 
-def _enrich_sources(rt: Runtime, todo: list[tuple[str, str, list[PendingChunk]]], report: IngestReport,
-                    bar) -> None:
+def _enrich_sources(rt: Runtime, sources: list[tuple[str, list[bytes]]], report: IngestReport, bar) -> None:
     """The context-enriched entries of the sources' chunks (chunkcache/context.py). Run once every source is
     stored and indexed and the stale chunks are retired, so that each chunk's neighbour is found among all of
     today's chunks, never an edited-away version of itself. A source is marked enriched once every chunk of
     it is linked; one that is not (no neighbour yet: the store's first document) is tried again next time."""
     t = time.perf_counter()
     bar.set_description("context")
-    keys = [c.key for _, _, chunks in todo for c in chunks]
+    keys = [k for _, chunk_keys in sources for k in chunk_keys]
     report.context_entries, report.context_tokens = enrich_chunks(rt, keys, bar=bar)
     report.seconds_context = time.perf_counter() - t
     unlinked = set(unenriched(rt, keys))
-    for source, _, chunks in todo:
+    for source, chunk_keys in sources:
         record = rt.store.kv.get_source(source)
-        if record and not any(c.key in unlinked for c in chunks):
+        if record and not unlinked.intersection(chunk_keys):
             rt.store.kv.put_source(source, {**record, "enriched": True})
 
 
