@@ -99,9 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "store only computes what it lacks")
     p.add_argument("--model", default="default")
     p.add_argument("--kv-dtype", default="float16", choices=("float16", "bfloat16", "float32", "int8"))
-    p.add_argument("--chunk-context", default=ChunkCacheConfig.chunk_context, choices=CHUNK_CONTEXTS,
-                   help="also store each chunk after its nearest neighbour (neighbour) or not (none); "
-                        "default %(default)s")
+    p.add_argument("--chunk-context", default=None, choices=CHUNK_CONTEXTS,
+                   help="also store each chunk after its nearest neighbour (neighbour) or not (none); default: "
+                        f"an existing --store's recipe, else {ChunkCacheConfig.chunk_context}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-embed", action="store_true", help="KV only: skip embedding and the Faiss index")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help=f"where the JSON goes (default {RESULTS_DIR})")
@@ -117,8 +117,8 @@ def run_ingest_benchmark(args: argparse.Namespace, *, lm=None, embedder=None) ->
     documents = passage_documents(questions, args.data.stem)
     temp = None if args.store else tempfile.mkdtemp(prefix="chunkcache-ingest-bench-")
     store_dir = args.store or Path(temp) / "store"
-    overrides = {"kv_dtype": args.kv_dtype, "chunk_context": args.chunk_context,
-                 **({"threads": args.threads} if args.threads else {})}
+    overrides = {"kv_dtype": args.kv_dtype, **({"threads": args.threads} if args.threads else {}),
+                 **({"chunk_context": args.chunk_context} if args.chunk_context else {})}
     try:
         pipe = RAGPipeline.open(store_dir, model=args.model, lm=lm, embedder=embedder, **overrides)
         try:

@@ -133,6 +133,12 @@ def linked_entries(rt: Runtime, keys: list[bytes]) -> list[bytes]:
     return [bytes.fromhex(m["context_key"]) for m in _metas(rt, set(keys)).values() if m.get("context_key")]
 
 
+def unlinked(rt: Runtime, keys: list[bytes]) -> list[bytes]:
+    """The stored chunks of `keys` whose metadata links no enriched entry."""
+    metas = _metas(rt, set(keys))
+    return [k for k in keys if k in metas and not metas[k].get("context_key")]
+
+
 def unenriched(rt: Runtime, keys: list[bytes]) -> list[bytes]:
     """The chunks of `keys` whose enriched entry is not linked, or is linked but gone (evicted, retired)."""
     metas = _metas(rt, set(keys))

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .chunker import Chunk, split_chunks
-from .context import enrich_chunks, enriched, linked_entries, plain_kv, unenriched
+from .context import enrich_chunks, enriched, linked_entries, plain_kv, unlinked
 from .distributed import RayOptions
 from .corpus import SUPPORTED_SUFFIXES, CorpusError, Document, content_digest, read_documents, scan_paths
 from .kvcompute import chunk_kv, context_chunk_kv, extract_kv, prefix_cache
@@ -231,10 +231,11 @@ def _enrich_sources(rt: Runtime, sources: list[tuple[str, list[bytes]]], report:
     keys = [k for _, chunk_keys in sources for k in chunk_keys]
     report.context_entries, report.context_tokens = enrich_chunks(rt, keys, bar=bar)
     report.seconds_context = time.perf_counter() - t
-    unlinked = set(unenriched(rt, keys))
-    for source, chunk_keys in sources:
+    for source, _ in sources:
+        # By the links, not the entries: under a size cap an entry may be evicted already, and marking by it
+        # would recompute it on every later ingest (a query falls back to the plain entry instead).
         record = rt.store.kv.get_source(source)
-        if record and not unlinked.intersection(chunk_keys):
+        if record and not unlinked(rt, [bytes.fromhex(k) for k in record.get("keys", [])]):
             rt.store.kv.put_source(source, {**record, "enriched": True})
 
 

@@ -168,9 +168,12 @@ def test_retiring_a_chunk_retires_its_enriched_entry(tmp_path, tiny_pipe):
 def test_the_first_document_is_enriched_once_it_has_a_neighbour(tiny_pipe):
     first = tiny_pipe.ingest_texts([DOCS[0]], progress=False)
     assert first.context_entries == 0 and links(tiny_pipe) == {}  # nothing to be enriched by yet
+    assert not any(r.get("enriched") for r in tiny_pipe.rt.store.kv.sources().values())
     second = tiny_pipe.ingest_texts(DOCS[:2], progress=False)
     assert second.files_unchanged == 1 and second.context_entries == 2 and len(links(tiny_pipe)) == 2
-    assert tiny_pipe.ingest_texts(DOCS[:2], progress=False).files_unchanged == 2
+    assert all(r.get("enriched") for r in tiny_pipe.rt.store.kv.sources().values())
+    third = tiny_pipe.ingest_texts(DOCS[:2], progress=False)
+    assert third.files_unchanged == 2 and third.context_entries == 0
 
 
 def test_an_outage_of_the_shared_store_serves_plain_entries(tmp_path, tiny_lm, hash_embedder):
@@ -183,7 +186,9 @@ def test_an_outage_of_the_shared_store_serves_plain_entries(tmp_path, tiny_lm, h
             pipe.ingest_texts(DOCS, progress=False)
             assert pipe.query(QUESTION, top_k=3, mode="reuse").stats.context_chunks == 2
             server.stop()
-            for kwargs in ({"top_k": 3}, {"documents": DOCS[::-1]}):
+            # Documents whose metadata this process never read: the link lookup itself meets the outage.
+            unseen = [f"{d} (revised)" for d in DOCS]
+            for kwargs in ({"top_k": 3}, {"documents": DOCS[::-1]}, {"documents": unseen}):
                 answer = pipe.query(QUESTION, mode="blend", **kwargs)
                 assert answer.stats.store_unavailable and answer.stats.context_chunks == 0
     finally:
@@ -202,7 +207,17 @@ def test_an_ingest_stopped_before_its_enriched_entries_finishes_them_next_time(t
     monkeypatch.undo()
     report = tiny_pipe.ingest_texts(DOCS, progress=False)
     assert report.files_unchanged == 3 and report.chunks_computed == 0 and report.context_entries == 3
-    assert tiny_pipe.ingest_texts(DOCS, progress=False).files_unchanged == 3
+    assert all(r.get("enriched") for r in tiny_pipe.rt.store.kv.sources().values())
+
+
+def test_entries_evicted_under_a_size_cap_are_not_recomputed_by_every_ingest(tmp_path, tiny_lm, hash_embedder):
+    with open_tiny_pipe(tmp_path, tiny_lm, hash_embedder) as pipe:
+        pipe.ingest_texts(DOCS, progress=False)
+        pipe.rt.store.kv.delete_chunks([bytes.fromhex(m["context_key"]) for m in
+                                        (pipe.rt.store.kv.get_meta(k) for k in links(pipe))])  # as an eviction
+        again = pipe.ingest_texts(DOCS, progress=False)
+        assert again.files_unchanged == 3 and again.context_entries == 0  # marked by their links: not retried
+        assert pipe.query(QUESTION, top_k=3, mode="reuse").stats.context_chunks == 0  # plain entries serve
 
 
 def test_enriched_entries_travel_through_the_shared_tier(tmp_path, redis_url, tiny_lm, hash_embedder):
