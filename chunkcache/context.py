@@ -59,12 +59,15 @@ def enrich_chunks(rt: Runtime, keys: list[bytes], *, bar=None) -> tuple[int, int
     with rt.lock:
         scratch = prefix_cache(rt.lm, prefix_ids, len(prefix_ids) + longest)
         for start in range(0, len(pairs), WRITE_BATCH):
-            items, links = [], []
-            for key, neighbour in pairs[start:start + WRITE_BATCH]:
+            batch = pairs[start:start + WRITE_BATCH]
+            links = [(key, rt.key_for(metas[key]["token_ids"], context_ids=metas[neighbour]["token_ids"]))
+                     for key, neighbour in batch]
+            # One existence check per batch; a stored one was written by a run that stopped before linking it.
+            missing = set(rt.store.kv.missing([context_key for _, context_key in links]))
+            items = []
+            for (key, neighbour), (_, context_key) in zip(batch, links):
                 chunk_ids, context_ids = metas[key]["token_ids"], metas[neighbour]["token_ids"]
-                context_key = rt.key_for(chunk_ids, context_ids=context_ids)
-                links.append((key, context_key))
-                if rt.store.kv.missing([context_key]):  # else written by a run that stopped before linking it
+                if context_key in missing:
                     context_kv = plain_kv(rt, neighbour)
                     kv = context_chunk_kv(rt.lm, scratch, len(prefix_ids), context_ids, chunk_ids, rt.kv_dtype,
                                           context_kv=context_kv)

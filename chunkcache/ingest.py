@@ -231,11 +231,14 @@ def _enrich_sources(rt: Runtime, sources: list[tuple[str, list[bytes]]], report:
     keys = [k for _, chunk_keys in sources for k in chunk_keys]
     report.context_entries, report.context_tokens = enrich_chunks(rt, keys, bar=bar)
     report.seconds_context = time.perf_counter() - t
-    for source, _ in sources:
-        # By the links, not the entries: under a size cap an entry may be evicted already, and marking by it
-        # would recompute it on every later ingest (a query falls back to the plain entry instead).
-        record = rt.store.kv.get_source(source)
-        if record and not unlinked(rt, [bytes.fromhex(k) for k in record.get("keys", [])]):
+    # By the links, not the entries: under a size cap an entry may be evicted already, and marking by it
+    # would recompute it on every later ingest (a query falls back to the plain entry instead). The records'
+    # keys are read afresh: a source given twice in one run holds its last version's.
+    records = {source: rt.store.kv.get_source(source) for source, _ in sources}
+    records = {source: record for source, record in records.items() if record}
+    left = set(unlinked(rt, [bytes.fromhex(k) for record in records.values() for k in record.get("keys", [])]))
+    for source, record in records.items():
+        if not left.intersection(bytes.fromhex(k) for k in record.get("keys", [])):
             rt.store.kv.put_source(source, {**record, "enriched": True})
 
 
