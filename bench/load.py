@@ -2,7 +2,8 @@
 
 One process and one model. Two servers (uvicorn on 127.0.0.1) share it: one whose engine admits
 `--max-running` requests at once (the default, 8), one with max_running=1 (today's one-at-a-time
-mode). For each client count (1, 2, 4, 8, 16 by default) and each server, in turn, that many
+mode); `--compare-prefilling N` adds a third, the first with max_prefilling=N (how many requests
+prefill at once; the config's default is 1 on CPU). For each client count (1, 2, 4, 8, 16 by default) and each server, in turn, that many
 clients (threads of a process of their own, each with a keep-alive httpx client) send streamed POST
 /query requests back to back until each has sent `--requests` of them. A client measures TTFT at the first `token` event
 and the latency at the `answer` event; completion tokens come from the answer.
@@ -12,12 +13,14 @@ round-robin. Run it on a quiet machine (nothing else using the cores):
 
     python -m bench.load --threads 2                 # the README table
     python -m bench.load --clients 1,8 --requests 3  # quick check
+    python -m bench.load --threads 2 --compare-prefilling 8   # first come first served against batched prefills
 
 Results: bench/results/load/<date>-<model>-t<threads>.{json,md,png}.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -44,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-running", type=int, default=8, help="the batching server's engine limit")
     p.add_argument("--max-batched-tokens", type=int, default=None,
                    help="the batching server's rows per step (default: the config's, 2048)")
+    p.add_argument("--max-prefilling", type=int, default=None,
+                   help="the batching server's requests prefilling at once (default: the config's; 1 on CPU)")
+    p.add_argument("--compare-prefilling", type=int, default=None, metavar="N",
+                   help="also serve with max_prefilling=N, side by side (e.g. 8: a wave's prefills batched)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
@@ -112,26 +119,40 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
+def servers(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    """(name, label, config overrides) of each server the levels run against, in order."""
+    prefilling = args.max_prefilling or "auto"
+    named = [("batched", f"batched (max_running={args.max_running}, max_prefilling={prefilling})",
+              {"max_running": args.max_running, "max_prefilling": args.max_prefilling}),
+             ("one_at_a_time", "one at a time (max_running=1)", {"max_running": 1, "max_prefilling": None})]
+    if args.compare_prefilling:
+        named.insert(1, ("batched_prefills", f"batched (max_running={args.max_running}, "
+                         f"max_prefilling={args.compare_prefilling})",
+                         {"max_running": args.max_running, "max_prefilling": args.compare_prefilling}))
+    return named
+
+
 def markdown(config: dict, rows: dict[str, list[dict]], args: argparse.Namespace) -> str:
-    batched, single = rows["batched"], rows["one_at_a_time"]
     lines = ["| clients | engine | req/s | completion tok/s | TTFT p50 | TTFT p90 | latency p50 | errors |",
              "|--:|---|--:|--:|--:|--:|--:|--:|"]
-    for name, label in (("batched", f"batched (max_running={args.max_running})"),
-                        ("one_at_a_time", "one at a time (max_running=1)")):
+    named = servers(args)
+    for name, label, _ in named:
         for r in rows[name]:
             lines.append(f"| {r['clients']} | {label} | {r['requests_per_s']:.2f} | {r['completion_tokens_per_s']:.1f} | "
                          f"{r['ttft_s'].get('median', float('nan')):.2f} s | {r['ttft_s']['p90']:.2f} s | "
                          f"{r['latency_s'].get('median', float('nan')):.2f} s | {len(r['errors'])} |")
-    by_clients = {r["clients"]: r for r in single}
-    alone = next((r for r in batched if r["clients"] == 1), None)
-    lines.append("")
-    for r in batched:
-        base = by_clients.get(r["clients"])
-        if base and base["completion_tokens_per_s"] > 0:
-            ratio = r["completion_tokens_per_s"] / base["completion_tokens_per_s"]
-            ttft_ratio = r["ttft_s"].get("median", float("nan")) / alone["ttft_s"]["median"] if alone else float("nan")
-            lines.append(f"- {r['clients']} clients: batched completion tok/s = {ratio:.2f}x one at a time; "
-                         f"TTFT p50 = {ttft_ratio:.2f}x the single-client TTFT")
+    by_clients = {r["clients"]: r for r in rows["one_at_a_time"]}
+    for name, label, _ in named[:-1]:
+        batched = rows[name]
+        alone = next((r for r in batched if r["clients"] == 1), None)
+        lines += ["", f"{label}:"]
+        for r in batched:
+            base = by_clients.get(r["clients"])
+            if base and base["completion_tokens_per_s"] > 0:
+                ratio = r["completion_tokens_per_s"] / base["completion_tokens_per_s"]
+                ttft_ratio = r["ttft_s"].get("median", float("nan")) / alone["ttft_s"]["median"] if alone else float("nan")
+                lines.append(f"- {r['clients']} clients: completion tok/s = {ratio:.2f}x one at a time; "
+                             f"TTFT p50 = {ttft_ratio:.2f}x its single-client TTFT")
     lines += ["", "**Configuration:** " + ", ".join(f"{k}={v}" for k, v in config.items())]
     return "\n".join(lines)
 
@@ -142,9 +163,8 @@ def plot(rows: dict[str, list[dict]], path: Path, args: argparse.Namespace) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, label in (("batched", f"batched (max_running={args.max_running})"),
-                        ("one_at_a_time", "one at a time")):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, label, _ in servers(args):
         xs = [r["clients"] for r in rows[name]]
         left.plot(xs, [r["completion_tokens_per_s"] for r in rows[name]], marker="o", label=label)
         right.plot(xs, [r["ttft_s"].get("median", float("nan")) for r in rows[name]], marker="o", label=f"{label} p50")
@@ -154,7 +174,7 @@ def plot(rows: dict[str, list[dict]], path: Path, args: argparse.Namespace) -> N
     for ax in (left, right):
         ax.set_xticks(args.clients, [str(c) for c in args.clients])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -166,24 +186,30 @@ def main(argv: list[str] | None = None) -> int:
     from chunkcache.server import NoMetrics, create_app
 
     pipe = open_pipeline(args)
-    pipe.rt.config = pipe.rt.config.replace(max_running=args.max_running, **(
+    pipe.rt.config = pipe.rt.config.replace(**(
         {"max_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}))
-    # The one-at-a-time server: the same runtime (model, store, lock), its own engine with max_running=1.
-    single = RAGPipeline(dataclasses.replace(pipe.rt, config=pipe.rt.config.replace(max_running=1)))
+    # Every server shares the runtime (model, store, lock); each has its own engine and limits.
+    named = servers(args)
+    pipes = {name: RAGPipeline(dataclasses.replace(pipe.rt, config=pipe.rt.config.replace(**overrides)))
+             for name, _, overrides in named}
     config = configuration(pipe, args) | {"clients": args.clients, "requests_per_client": args.requests,
                                           "max_running": args.max_running,
-                                          "max_batched_tokens": pipe.rt.config.max_batched_tokens}
+                                          "max_batched_tokens": pipe.rt.config.max_batched_tokens,
+                                          "max_prefilling": pipes["batched"].engine.limits.max_prefilling,
+                                          "compare_prefilling": args.compare_prefilling}
     for question in questions(99):  # warm-up: every question's chunks are in the store and the kernels are hot
-        in_worker(lambda q: pipe.query(q, mode=args.mode, top_k=args.top_k, max_new_tokens=2), question)
-    rows: dict[str, list[dict]] = {"batched": [], "one_at_a_time": []}
+        in_worker(lambda q: pipes["batched"].query(q, mode=args.mode, top_k=args.top_k, max_new_tokens=2), question)
+    rows: dict[str, list[dict]] = {name: [] for name, _, _ in named}
     started = time.perf_counter()
-    with LoopbackServer(create_app(pipe, metrics=NoMetrics())) as batched_url, \
-            LoopbackServer(create_app(single, metrics=NoMetrics())) as single_url:
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(LoopbackServer(create_app(pipes[name], metrics=NoMetrics())))
+                for name, _, _ in named}
         for clients in args.clients:
-            for name, url in (("batched", batched_url), ("one_at_a_time", single_url)):
+            for name, _, _ in named:
                 print(f"{clients} clients, {name} ...", file=sys.stderr)
-                rows[name].append(run_level(url, clients, args))
-    single.engine.close()
+                rows[name].append(run_level(urls[name], clients, args))
+    for served in pipes.values():
+        served.engine.close()
     pipe.close()
     config["wall_min"] = round((time.perf_counter() - started) / 60, 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)

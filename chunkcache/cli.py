@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests the engine batches at once (default 8; 1 serves one at a time)")
     p.add_argument("--max-batched-tokens", type=int, default=None,
                    help="rows in one engine step; a longer prefill is split over steps (default 2048)")
+    p.add_argument("--max-prefilling", type=int, default=None,
+                   help="requests prefilling at once (default: 1 on CPU, first come first served; "
+                   "--max-running on a GPU)")
     p.add_argument("--max-kv-bytes", type=_size, default=None, metavar="BYTES",
                    help="KV cache memory for the running requests, e.g. 4G (default: a quarter of RAM); "
                    "requests that do not fit wait")
@@ -257,7 +260,7 @@ def open_pipeline(args, **extra):
     return open_with_settings(args, ("model", "embedder", "device", "threads", "check_layer", "deviation",
                                      "selection", "chunk_scale", "scale_queries", "max_store_bytes",
                                      "document_quota_bytes", "persist_documents", "max_running",
-                                     "max_batched_tokens", "max_kv_bytes"), **extra)
+                                     "max_batched_tokens", "max_prefilling", "max_kv_bytes"), **extra)
 
 
 def cmd_ingest(args) -> int:

@@ -98,6 +98,10 @@ class ChunkCacheConfig:
     # the engine (chunkcache/engine.py): continuous batching of every request's prefill and decode
     max_running: int = 8  # requests admitted at once; 1 serves them one at a time
     max_batched_tokens: int = 2048  # rows in one step: a longer prefill is split over steps
+    # Requests prefilling at once (None: 1 on CPU, max_running on a GPU). On CPU a prefill is compute-bound,
+    # so a batch of n costs n times one: prefilling them one after another, first come first served, gives
+    # earlier first tokens for the same work (docs/SERVER.md). A GPU prefills a batch for little more than one.
+    max_prefilling: int | None = None
     max_waiting: int = 256  # queued requests beyond which new ones are refused (EngineBusy; HTTP 503)
     max_kv_bytes: int | None = None  # KV cache memory for the admitted requests (None: a quarter of RAM/VRAM)
 
@@ -141,6 +145,10 @@ class ChunkCacheConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_waiting" else 1):
                 raise ValueError(f"{name} must be an integer >= {0 if name == 'max_waiting' else 1}, got {value!r}")
+        if self.max_prefilling is not None and (isinstance(self.max_prefilling, bool)
+                                                or not isinstance(self.max_prefilling, int) or self.max_prefilling < 1):
+            raise ValueError(f"max_prefilling must be an integer >= 1 (or None: 1 on CPU, max_running on a GPU), "
+                             f"got {self.max_prefilling!r}")
         if self.max_batched_tokens < self.max_running:
             raise ValueError(f"max_batched_tokens ({self.max_batched_tokens}) must be >= max_running "
                              f"({self.max_running}): every running request decodes one token per step")

@@ -2,8 +2,9 @@
 
 Continuous batching in the Orca/vLLM sense, kept as simple as a CPU allows. Requests queue; each
 step of the loop
-  1. admits waiting requests while the limits allow: at most `max_running` admitted at once, and
-     their KV caches within `max_kv_bytes` (a request that does not fit waits for memory rather than
+  1. admits waiting requests, first come first served, while the limits allow: at most `max_running`
+     admitted at once, at most `max_prefilling` of them still prefilling, and their KV caches within
+     `max_kv_bytes` (a request that does not fit waits for memory rather than
      exhausting it). A cache is a slot of the engine's KV pool (chunkcache/kvcache.py), so that the
      decode steps attend in one call per layer. Admission retrieves, lays the prompt out and places
      the cached chunk KVs; the probe selection's reuse passes of the new requests then run as one
@@ -70,9 +71,15 @@ class EngineLimits:
     max_batched_tokens: int  # rows in one step's forward: decode tokens plus prefill pieces
     max_waiting: int  # queued requests beyond which `submit` raises EngineBusy
     max_kv_bytes: int  # memory for the admitted requests' KV caches
+    # admitted requests still prefilling (None: max_running). A request is admitted when it can start its
+    # prefill, so on a compute-bound device 1 gives first tokens in arrival order instead of a whole wave's
+    # at once: the same work, earlier first tokens (docs/SERVER.md).
+    max_prefilling: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_running < 1 or self.max_waiting < 0 or self.max_kv_bytes < 1:
+        if self.max_prefilling is None:
+            object.__setattr__(self, "max_prefilling", self.max_running)
+        if self.max_running < 1 or self.max_waiting < 0 or self.max_kv_bytes < 1 or self.max_prefilling < 1:
             raise ValueError(f"engine limits must be positive: {self}")
         if self.max_batched_tokens < self.max_running:
             raise ValueError(f"max_batched_tokens ({self.max_batched_tokens}) must be at least max_running "
@@ -283,7 +290,9 @@ class Engine:
         """Admit waiting requests, in order, while the limits allow; then choose the probe selections'
         rows for the new ones in one batched pass."""
         limits, new = self.limits, []
-        while len(self._active) < limits.max_running:  # (the new ones are in _active already)
+        # (the new ones are in _active already, prefilling)
+        while (len(self._active) < limits.max_running
+               and sum(a.gen is None for a in self._active) < limits.max_prefilling):
             with self._cv:
                 if not self._waiting:
                     break

@@ -135,8 +135,10 @@ class RAGPipeline:
         with self._engine_lock:
             if self._engine is None:
                 cfg = self.config
+                device = self.rt.lm.device
+                prefilling = cfg.max_prefilling or (cfg.max_running if device.type == "cuda" else 1)
                 self._engine = Engine(self, EngineLimits(cfg.max_running, cfg.max_batched_tokens, cfg.max_waiting,
-                                                         cfg.max_kv_bytes or default_kv_bytes(self.rt.lm.device)))
+                                                         cfg.max_kv_bytes or default_kv_bytes(device), prefilling))
             return self._engine
 
     def engine_counts(self):

@@ -27,7 +27,9 @@ MODES = [dict(mode="blend"), dict(mode="blend", selection="deviation", check_lay
 
 @pytest.fixture
 def pipe(tmp_path, tiny_lm, hash_embedder):
-    p = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_new_tokens=12)
+    # Prefills batched too (max_prefilling=8, as on a GPU): the harder case for batch invariance. The CPU
+    # default, one prefill at a time, has tests of its own below.
+    p = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_new_tokens=12, max_prefilling=8)
     yield p
     p.close()
 
@@ -45,6 +47,12 @@ def _together(pipe, kwargs_list):
 
 def test_greedy_answers_batched_with_seven_others_equal_answers_alone(pipe):
     _check_batched_equals_alone(pipe)
+
+
+def test_greedy_answers_equal_alone_with_one_prefill_at_a_time(tmp_path, tiny_lm, hash_embedder):
+    with open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_new_tokens=12) as p:
+        assert p.engine.limits.max_prefilling == 1  # the CPU default
+        _check_batched_equals_alone(p)
 
 
 @needs_bf16_linears
@@ -239,12 +247,17 @@ def test_limits_are_checked():
 
     with pytest.raises(ValueError, match="max_running"):
         ChunkCacheConfig(max_running=0)
+    with pytest.raises(ValueError, match="max_prefilling"):
+        ChunkCacheConfig(max_prefilling=0)
+    assert EngineLimits(max_running=8, max_batched_tokens=64, max_waiting=1, max_kv_bytes=1).max_prefilling == 8
+    with pytest.raises(ValueError, match="positive"):
+        EngineLimits(max_running=8, max_batched_tokens=64, max_waiting=1, max_kv_bytes=1, max_prefilling=0)
     with pytest.raises(ValueError, match="max_kv_bytes"):
         ChunkCacheConfig(max_kv_bytes=-5)
 
 
 def test_requests_queued_together_are_admitted_together(tmp_path, tiny_lm, hash_embedder, monkeypatch):
-    p = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_running=4)
+    p = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_running=4, max_prefilling=4)
     sizes = []
     choose = p._choose_positions
     monkeypatch.setattr(p, "_choose_positions", lambda batch: sizes.append(len(batch)) or choose(batch))
@@ -253,6 +266,28 @@ def test_requests_queued_together_are_admitted_together(tmp_path, tiny_lm, hash_
             tickets = [p.submit(q, documents=DOCS) for q in QUESTIONS[:4]]
         assert all(list(t)[-1].text for t in tickets)
         assert sizes[0] == 4  # one batched probe pass for the four
+    finally:
+        p.close()
+
+
+def test_on_cpu_requests_prefill_one_after_another_in_arrival_order(tmp_path, tiny_lm, hash_embedder, monkeypatch):
+    """The CPU default: a wave of requests gets its first tokens one by one, in arrival order, rather than
+    all at the end of one batched prefill; their decode steps are still batched."""
+    p = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_new_tokens=12)
+    events = []
+    place, prepared = p._place_kv, p._prepared
+    monkeypatch.setattr(p, "_place_kv", lambda staged, cache: events.append(("admit", staged.req.question))
+                        or place(staged, cache))
+    monkeypatch.setattr(p, "_prepared", lambda staged, *rest: events.append(("first token", staged.req.question))
+                        or prepared(staged, *rest))
+    try:
+        with p.rt.lock:  # all four are queued before the engine's first step
+            tickets = [p.submit(q, documents=DOCS) for q in QUESTIONS[:4]]
+        answers = [list(t)[-1] for t in tickets]
+        assert all(a.text for a in answers)
+        assert events == [(kind, q) for q in QUESTIONS[:4] for kind in ("admit", "first token")]
+        assert p.engine.counts().peak_batch >= 2  # the later prefills ran beside the earlier requests' decode
+        assert [a.timings.queue_s for a in answers] == sorted(a.timings.queue_s for a in answers)
     finally:
         p.close()
 
