@@ -12,11 +12,22 @@ bounded while before sleeping (OMP_WAIT_POLICY=ACTIVE, GOMP_SPINCOUNT=100000) br
 They are set in os.environ, so child processes (Ray workers, benchmark servers) inherit them too. Idle
 workers spin up to 100,000 rounds (a few milliseconds at most) before sleeping, so two processes
 sharing cores lose about what libgomp's own default spin costs them.
+
+That spin only applies while libgomp's threads are no more than the CPUs. Each thread that starts a
+parallel region keeps a team for as long as it lives, so a model loaded on the main thread left the
+main thread a team; the engine's team then made them more than the cores, and libgomp cut every
+worker's spin to ~1,000 rounds. On a 2-core AMD EPYC that cost the engine 60-80 ms a decode step
+against 47-51 with no main-thread team (same request, processes alternating). So `in_passing_thread`
+runs the model loading on a thread that exits after it, and its team goes with it.
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 SETTINGS = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "100000"}
 
@@ -42,3 +53,23 @@ def untuned_warning() -> str | None:
     return ("torch was imported before chunkcache, so its OpenMP threads run untuned: the engine thread "
             "decodes up to ~1.4x slower on CPU. Import chunkcache before torch, or set "
             + " ".join(f"{k}={v}" for k, v in SETTINGS.items()) + " in the environment (chunkcache/openmp.py).")
+
+
+def in_passing_thread(work: Callable[[], T]) -> T:
+    """work() run on a thread of its own that then exits, so that the OpenMP team the work starts (loading
+    and packing a model runs parallel regions) leaves with it rather than staying with the caller's thread
+    beside the engine's (see the module docstring). Its result is returned and its exception raised here."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as exc:  # handed to the caller, whatever it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="chunkcache-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -19,6 +19,7 @@ from store import KV_FORMAT_VERSION, chunk_key
 from .config import LEGACY_STORE_VALUES, ChunkCacheConfig
 from .kvcompute import kv_dtype_of, prefix_cache
 from .models import LoadedModel, load_model
+from .openmp import in_passing_thread
 from .prompt import PromptTemplate, build_template
 from .storedir import ChunkStore
 
@@ -54,10 +55,14 @@ class Runtime:
         """
         store = ChunkStore(store_dir)
         try:
-            return cls._open(store, config, lm, embedder, overrides)
+            # On a thread that then exits: loading leaves no OpenMP team beside the engine's (chunkcache/openmp.py).
+            runtime = in_passing_thread(lambda: cls._open(store, config, lm, embedder, overrides))
         except BaseException:
             store.close()  # nobody else holds it: release the environment (or the Redis connections)
             raise
+        if runtime.config.threads:  # here too: a thread that ran torch before keeps its own count otherwise
+            torch.set_num_threads(runtime.config.threads)
+        return runtime
 
     @classmethod
     def _open(cls, store: ChunkStore, config, lm, embedder, overrides) -> "Runtime":

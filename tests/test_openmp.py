@@ -28,3 +28,35 @@ def test_torch_first_is_reported_with_what_to_do():
     assert tuned is False and policy is None
     assert "Import chunkcache before torch" in warning and "OMP_WAIT_POLICY=ACTIVE" in warning
     assert _probe("import torch", OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="5000")[0] is True
+
+
+def test_in_passing_thread_returns_raises_and_leaves_no_thread():
+    import threading
+
+    import pytest
+
+    from chunkcache.openmp import in_passing_thread
+
+    before = threading.active_count()
+    ran_on = []
+    assert in_passing_thread(lambda: ran_on.append(threading.current_thread()) or 7) == 7
+    assert ran_on[0] is not threading.current_thread() and not ran_on[0].is_alive()
+    with pytest.raises(KeyError, match="gone"):
+        in_passing_thread(lambda: {}["gone"])
+    assert threading.active_count() == before
+
+
+def test_models_are_loaded_on_a_thread_that_then_exits(tmp_path, tiny_lm, hash_embedder, monkeypatch):
+    """So that the caller's thread keeps no OpenMP team beside the engine's (chunkcache/openmp.py)."""
+    import threading
+
+    import chunkcache.runtime as runtime
+
+    threads = []
+    build = runtime.build_template
+    monkeypatch.setattr(runtime, "build_template", lambda *a: threads.append(threading.current_thread()) or build(*a))
+    from .conftest import DOCS, open_tiny_pipe
+
+    with open_tiny_pipe(tmp_path, tiny_lm, hash_embedder) as pipe:
+        assert pipe.query("Where is Mount Everest?", documents=DOCS, max_new_tokens=2).token_ids
+    assert threads and threads[0] is not threading.current_thread() and not threads[0].is_alive()
