@@ -130,11 +130,13 @@ def markdown(result: dict) -> str:
              f"bandwidth {result['bandwidth_gb_s']:.1f} GB/s.", "",
              "| linear weights | ms/token (median) | tokens/s | weights read per token | weight-read limit | share of limit |",
              "|---|--:|--:|--:|--:|--:|"]
-    for name in LINEAR_DTYPES:
+    for name in [n for n in LINEAR_DTYPES if n in s]:
         r = s[name]
         lines.append(f"| {name} | {r['ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | "
                      f"{r['weight_bytes_per_token'] / 1e6:.0f} MB | {r['weight_read_limit_tokens_per_s']:.1f} tok/s | "
                      f"{r['share_of_limit']:.0%} |")
+    if "bfloat16" not in s:
+        lines += ["", "bfloat16 weights were not measured: this CPU has no oneDNN bf16 products (AVX-512 or AMX)."]
     if "bf16_full" in s:
         lines += ["", f"Fidelity on dev questions {FIDELITY_FIRST}-{FIDELITY_FIRST + s['bf16_full']['questions'] - 1} "
                   "(~6.2k tokens), KL to the float32 model's full prefill, teacher-forced along its greedy answer:", "",
@@ -149,9 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipes = {name: open_pipe(name, args.threads) for name in LINEAR_DTYPES}
+    from chunkcache.cpu_linear import onednn_bf16_available
+    from chunkcache.openmp import in_passing_thread
+
+    dtypes = [name for name in LINEAR_DTYPES if name == "float32" or onednn_bf16_available()]
+    if args.fidelity_questions and "bfloat16" not in dtypes:
+        raise SystemExit("this CPU has no oneDNN bf16 products: run with --fidelity-questions 0 (speed of float32 only)")
+    pipes = {name: open_pipe(name, args.threads) for name in dtypes}
     try:
-        bandwidth = read_bandwidth()
+        # Off the main thread: a parallel region here would leave it an OpenMP team beside the engine's, which
+        # slows the engine's decode (chunkcache/openmp.py).
+        bandwidth = in_passing_thread(read_bandwidth)
         weight_bytes = {name: weight_bytes_per_token(p.rt.lm) for name, p in pipes.items()}
         speed_qs = load_questions(args.data, args.speed_questions)
         runs = speed(pipes, speed_qs, args.max_new_tokens)

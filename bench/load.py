@@ -150,9 +150,11 @@ def markdown(config: dict, rows: dict[str, list[dict]], args: argparse.Namespace
             base = by_clients.get(r["clients"])
             if base and base["completion_tokens_per_s"] > 0:
                 ratio = r["completion_tokens_per_s"] / base["completion_tokens_per_s"]
-                ttft_ratio = r["ttft_s"].get("median", float("nan")) / alone["ttft_s"]["median"] if alone else float("nan")
-                lines.append(f"- {r['clients']} clients: completion tok/s = {ratio:.2f}x one at a time; "
-                             f"TTFT p50 = {ttft_ratio:.2f}x its single-client TTFT")
+                line = f"- {r['clients']} clients: completion tok/s = {ratio:.2f}x one at a time"
+                if alone:  # (a run without the 1-client level has no single-client TTFT to compare with)
+                    ttft_ratio = r["ttft_s"].get("median", float("nan")) / alone["ttft_s"]["median"]
+                    line += f"; TTFT p50 = {ttft_ratio:.2f}x its single-client TTFT"
+                lines.append(line)
     lines += ["", "**Configuration:** " + ", ".join(f"{k}={v}" for k, v in config.items())]
     return "\n".join(lines)
 

@@ -265,3 +265,26 @@ def test_an_enriched_entry_is_placed_like_a_store_entry(tmp_path, tiny_lm, hash_
         rerotate_layers(entry[0].float(), torch.full((9,), m), tiny_lm.ropes, out=placed)
         torch.testing.assert_close(placed, direct.k[:, :, p + m:], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(entry[1].float(), direct.v[:, :, p + m:], rtol=0, atol=0)
+
+
+def test_load_report_names_every_server_and_compares_each_with_one_at_a_time():
+    from bench.load import markdown, parse_args
+
+    def level(clients, tokens, ttft):
+        return {"clients": clients, "requests": 4, "errors": [], "requests_per_s": 1.0,
+                "completion_tokens_per_s": tokens, "ttft_s": {"median": ttft, "p90": ttft * 2},
+                "latency_s": {"median": 2.0}}
+
+    args = parse_args(["--clients", "1,8", "--compare-prefilling", "8"])
+    rows = {"batched": [level(1, 10.0, 0.5), level(8, 30.0, 1.0)],
+            "batched_prefills": [level(1, 10.0, 0.5), level(8, 27.0, 4.0)],
+            "one_at_a_time": [level(1, 10.0, 0.5), level(8, 10.0, 20.0)]}
+    text = markdown({"commit": "x"}, rows, args)
+    assert "| 8 | batched (max_running=8, max_prefilling=8) | 1.00 | 27.0 | 4.00 s |" in text
+    assert "- 8 clients: completion tok/s = 3.00x one at a time; TTFT p50 = 2.00x its single-client TTFT" in text
+    assert "- 8 clients: completion tok/s = 2.70x one at a time; TTFT p50 = 8.00x its single-client TTFT" in text
+    # Without the 1-client level there is no single-client TTFT: the ratio is left out, not printed as nan.
+    eight = parse_args(["--clients", "8"])
+    text = markdown({}, {name: [r for r in levels if r["clients"] == 8] for name, levels in rows.items()
+                         if name != "batched_prefills"}, eight)
+    assert "- 8 clients: completion tok/s = 3.00x one at a time\n" in text + "\n" and "nan" not in text
