@@ -79,6 +79,7 @@ def open_pipeline(args: argparse.Namespace):
     from chunkcache import RAGPipeline
     from chunkcache.config import cache_home
     from chunkcache.demo_corpus import write_demo_corpus
+    from chunkcache.openmp import in_passing_thread
 
     overrides = {k: v for k, v in (("model", args.model), ("device", args.device), ("threads", args.threads))
                  if v is not None}
@@ -86,7 +87,8 @@ def open_pipeline(args: argparse.Namespace):
     if pipe.rt.store.index().ntotal == 0:
         corpus = write_demo_corpus(cache_home() / "demo_corpus")
         print(f"building {args.store} from the demo corpus {corpus} ...", file=sys.stderr)
-        print(pipe.ingest([corpus]).summary(), file=sys.stderr)
+        # On a passing thread: the main thread keeps no OpenMP team beside the engines' (chunkcache/openmp.py).
+        print(in_passing_thread(lambda: pipe.ingest([corpus])).summary(), file=sys.stderr)
     return pipe
 
 

@@ -2,8 +2,10 @@
 
 One process and one model. Two servers (uvicorn on 127.0.0.1) share it: one whose engine admits
 `--max-running` requests at once (the default, 8), one with max_running=1 (today's one-at-a-time
-mode); `--compare-prefilling N` adds a third, the first with max_prefilling=N (how many requests
-prefill at once; the config's default is 1 on CPU). For each client count (1, 2, 4, 8, 16 by default) and each server, in turn, that many
+mode); `--compare-prefilling N` adds a third, like the first but with max_prefilling=N (how many
+requests prefill at once; the config's default is 1 on CPU). Only the server being measured has an
+engine thread running (see `warm_up`). For each client count (1, 2, 4, 8, 16 by default) and each
+server, in turn, that many
 clients (threads of a process of their own, each with a keep-alive httpx client) send streamed POST
 /query requests back to back until each has sent `--requests` of them. A client measures TTFT at the first `token` event
 and the latency at the `answer` event; completion tokens come from the answer.
@@ -119,6 +121,11 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
+def warm_up(pipe, args: argparse.Namespace) -> None:
+    """One short request, so that a freshly started engine has its thread, OpenMP team and KV pool before a level."""
+    in_worker(lambda q: pipe.query(q, mode=args.mode, top_k=args.top_k, max_new_tokens=2), questions(99)[0])
+
+
 def servers(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
     """(name, label, config overrides) of each server the levels run against, in order."""
     prefilling = args.max_prefilling or "auto"
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "compare_prefilling": args.compare_prefilling}
     for question in questions(99):  # warm-up: every question's chunks are in the store and the kernels are hot
         in_worker(lambda q: pipes["batched"].query(q, mode=args.mode, top_k=args.top_k, max_new_tokens=2), question)
+    pipes["batched"].stop_engine()
     rows: dict[str, list[dict]] = {name: [] for name, _, _ in named}
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -209,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         for clients in args.clients:
             for name, _, _ in named:
                 print(f"{clients} clients, {name} ...", file=sys.stderr)
+                # One engine thread at a time: each keeps an OpenMP team while it lives, and two teams on these
+                # cores make libgomp throttle both (chunkcache/openmp.py; it slowed decode ~1.4x).
+                for other in pipes.values():
+                    if other is not pipes[name]:
+                        other.stop_engine()
+                warm_up(pipes[name], args)
                 rows[name].append(run_level(urls[name], clients, args))
     for served in pipes.values():
         served.engine.close()

@@ -8,7 +8,7 @@ step of the loop
      exhausting it). A cache is a slot of the engine's KV pool (chunkcache/kvcache.py), so that the
      decode steps attend in one call per layer. Admission retrieves, lays the prompt out and places
      the cached chunk KVs; the probe selection's reuse passes of the new requests then run as one
-     batch;
+     batch (one request, with one prefill at a time);
   2. runs one flattened forward (`forward_batch`): the next token of every decoding request, plus
      prefill pieces of the admitted ones, up to `max_batched_tokens` rows in all. A long prefill
      is split over several steps (chunked prefill) so that it does not freeze everyone's decode;

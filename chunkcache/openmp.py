@@ -16,9 +16,10 @@ sharing cores lose about what libgomp's own default spin costs them.
 That spin only applies while libgomp's threads are no more than the CPUs. Each thread that starts a
 parallel region keeps a team for as long as it lives, so a model loaded on the main thread left the
 main thread a team; the engine's team then made them more than the cores, and libgomp cut every
-worker's spin to ~1,000 rounds. On a 2-core AMD EPYC that cost the engine 60-80 ms a decode step
-against 47-51 with no main-thread team (same request, processes alternating). So `in_passing_thread`
-runs the model loading on a thread that exits after it, and its team goes with it.
+worker's spin to ~1,000 rounds. On a 2-core AMD EPYC that cost the engine 71-87 ms a decode token
+against 52-62 with no main-thread team (same requests, processes alternating, three pairs). So
+`in_passing_thread` runs model loading, and the pipeline's own torch work on callers' threads
+(retrieve, embed), on a thread that exits after it, and its team goes with it.
 """
 from __future__ import annotations
 
@@ -67,9 +68,14 @@ def in_passing_thread(work: Callable[[], T]) -> T:
         except BaseException as exc:  # handed to the caller, whatever it is
             outcome["error"] = exc
 
-    thread = threading.Thread(target=run, name="chunkcache-load", daemon=True)
+    # A daemon: should the process still exit mid-work (a second Ctrl-C), the thread does not hold it up.
+    thread = threading.Thread(target=run, name="chunkcache-passing", daemon=True)
     thread.start()
-    thread.join()
+    try:
+        thread.join()
+    except BaseException:  # Ctrl-C: the work runs on, so let it finish before the caller cleans up after it
+        thread.join()
+        raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -26,6 +26,7 @@ from .config import MODES, ChunkCacheConfig, check_ratio
 from .context import enriched
 from .distributed import RayOptions
 from .engine import Engine, EngineLimits, Ticket, default_kv_bytes
+from .openmp import in_passing_thread
 from .errors import QueryError, RequestCancelled  # noqa: F401  (part of this module's API)
 from .forward import forward_batch, forward_tokens
 from .kvcache import KVCache, new_cache
@@ -141,6 +142,15 @@ class RAGPipeline:
                                                          cfg.max_kv_bytes or default_kv_bytes(device), prefilling))
             return self._engine
 
+    def stop_engine(self) -> None:
+        """Stop the engine's thread (requests still in it get EngineClosed) and keep the store open; the next
+        request starts a new one. Its exit takes its OpenMP team along, which matters where several engines
+        share one process, as the benchmarks' servers do (chunkcache/openmp.py)."""
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
     def engine_counts(self):
         """The engine's counts (chunkcache.engine.EngineCounts), or None before it has started (this does
         not start it, unlike `engine`)."""
@@ -162,9 +172,15 @@ class RAGPipeline:
         """The store's top_k chunks for `question`, best first, without running the model (for frameworks'
         retrievers); `hit` says whether the chunk's KV is stored."""
         req = self._request(question, top_k, None, None, None, None, 0.0, 1.0, 0, None, None)
-        with self.rt.lock:
-            chunks = self._retrieve(req) if req.top_k else []
-            missing = set(self.rt.store.kv.missing([c.key for c in chunks]))
+
+        def find():
+            with self.rt.lock:
+                chunks = self._retrieve(req) if req.top_k else []
+                return chunks, set(self.rt.store.kv.missing([c.key for c in chunks]))
+
+        # Embedding the question runs torch: on a passing thread, so that the caller's (a server's worker
+        # thread, say) keeps no OpenMP team beside the engine's (chunkcache/openmp.py).
+        chunks, missing = in_passing_thread(find)
         return [Source(c.text, c.source, c.score, c.key.hex(), c.key not in missing) for c in chunks]
 
     def prompt_ids(self, question: str, **kwargs) -> list[int]:
@@ -190,8 +206,11 @@ class RAGPipeline:
 
     def embed(self, texts: Sequence[str]):
         """Unit-norm float32 embeddings [len(texts), dim] from the store's embedder (the retrieval space)."""
-        with self.rt.lock:  # the embedder is shared with ingest and retrieval
-            return self.rt.embedder.encode(list(texts))
+        def encode():
+            with self.rt.lock:  # the embedder is shared with ingest and retrieval
+                return self.rt.embedder.encode(list(texts))
+
+        return in_passing_thread(encode)  # as in `retrieve`: no OpenMP team left on the caller's thread
 
     def __enter__(self) -> "RAGPipeline":
         return self

@@ -292,6 +292,41 @@ def test_on_cpu_requests_prefill_one_after_another_in_arrival_order(tmp_path, ti
         p.close()
 
 
+def test_a_failing_or_cancelled_prefill_lets_the_next_in_line_prefill(tmp_path, tiny_lm, hash_embedder, monkeypatch):
+    """With one prefill at a time, the request prefilling is what the queue waits on: its failure or its
+    cancellation must hand the turn on."""
+    p = open_tiny_pipe(tmp_path, tiny_lm, hash_embedder, max_new_tokens=12)
+    place = p._place_kv
+
+    def place_or_fail(staged, cache):
+        if staged.req.question == QUESTIONS[0]:
+            raise RuntimeError("this request's placement fails")
+        return place(staged, cache)
+
+    monkeypatch.setattr(p, "_place_kv", place_or_fail)
+    try:
+        with p.rt.lock:
+            failing, cancelled, *rest = [p.submit(q, documents=DOCS) for q in QUESTIONS[:4]]
+            cancelled.cancel()
+        with pytest.raises(RuntimeError, match="placement fails"):
+            list(failing)
+        with pytest.raises(RequestCancelled):
+            list(cancelled)
+        assert all(list(t)[-1].text for t in rest)
+        wait_until_idle(p, 10, "the engine kept a failed or cancelled request")
+    finally:
+        p.close()
+
+
+def test_stop_engine_keeps_the_store_and_the_next_request_starts_a_new_one(tiny_pipe):
+    first = tiny_pipe.query(QUESTIONS[0], documents=DOCS)
+    engine = tiny_pipe.engine
+    tiny_pipe.stop_engine()
+    assert not engine._thread.is_alive()
+    again = tiny_pipe.query(QUESTIONS[0], documents=DOCS)
+    assert tiny_pipe.engine is not engine and again.token_ids == first.token_ids
+
+
 @pytest.mark.slow
 def test_a_script_that_never_closes_its_pipeline_exits_cleanly(tmp_path):
     """The loop thread is stopped at exit. Left in its wait while the interpreter finalised, it made the
