@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from bench.data import DEFAULT_DATA, load_questions
+from bench.envinfo import next_free_path
 from bench.http import LoopbackServer
 
 RESULTS_DIR = Path(__file__).parent / "results" / "peer"
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vllm-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--store", type=Path, default=None, help="chunkcache store (default: bench.run's)")
+    p.add_argument("--vllm-from", type=Path, default=None, metavar="JSON",
+                   help="take vLLM's side from an earlier run's results (same workload settings, checked) instead "
+                   "of running it again: it takes the longer half of the run and does not change with chunkcache")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import httpx
 
-    from bench.run import DEFAULT_STORE_ROOT
+    from bench.run import BenchConfig
     from chunkcache import RAGPipeline
     from chunkcache.models import builtin_model_dir
     from chunkcache.server import NoMetrics, create_app
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         while docs == list(q.documents):
             rng.shuffle(docs)
         orders.append(docs)
-    store = args.store or DEFAULT_STORE_ROOT / "smollm2-135m-instruct-float16"
+    store = args.store or BenchConfig().store_dir()  # bench.run's store for the default recipe
     pipe = RAGPipeline.open(store, threads=args.threads)
     prompt_cache: dict[tuple, list[int]] = {}
 
@@ -228,30 +232,53 @@ def main(argv: list[str] | None = None) -> int:
     with LoopbackServer(create_app(pipe, metrics=NoMetrics())) as url, httpx.Client(base_url=url, timeout=900) as http:
         send_chunkcache(http, questions[0], list(questions[0].documents), 1)  # warm-up
         result["chunkcache"] = {"ttft": ttft_rounds(lambda q, d, m: send_chunkcache(http, q, d, m), ttft_questions,
-                                                    orders),
-                                "load": load_levels(url, send_chunkcache, plans, args)}
+                                                    orders)}
+        # The load levels use more questions than the TTFT rounds: their passages are stored first (untimed), as a
+        # deployment's would be, so that no level pays for computing new chunks. (A run without this, 2026-12-06,
+        # computed half of its 8-client requests' chunks on the fly.)
+        for q in questions[len(ttft_questions):]:
+            send_chunkcache(http, q, list(q.documents), 1)
+        result["chunkcache"]["load"] = load_levels(url, send_chunkcache, plans, args)
     model_dir = builtin_model_dir("default")
     max_len = max(len(p) for p in prompt_cache.values()) + args.max_new_tokens + 64
     pipe.close()
 
-    print(f"vLLM ({args.vllm_dtype}) ...", file=sys.stderr)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    def send_vllm(http, q, docs, max_tokens):
-        return vllm_request(http, prompt(q, docs), max_tokens)
+    if args.vllm_from:
+        result["vllm"] = earlier_vllm(args.vllm_from, result["config"])
+        result["config"]["vllm_from"] = str(args.vllm_from)
+    else:
+        print(f"vLLM ({args.vllm_dtype}) ...", file=sys.stderr)
 
-    with VLLMServer(args.peer_python, model_dir, args.threads, args.vllm_dtype, max_len) as url, \
-            httpx.Client(base_url=url, timeout=900) as http:
-        vllm_request(http, prompt(questions[-1], orders[-1])[:64], 1)  # warm-up, shares nothing with the runs
-        result["vllm"] = {"ttft": ttft_rounds(lambda q, d, m: send_vllm(http, q, d, m), ttft_questions, orders),
-                          "load": load_levels(url, send_vllm, plans, args)}
+        def send_vllm(http, q, docs, max_tokens):
+            return vllm_request(http, prompt(q, docs), max_tokens)
 
-    stem = args.out_dir / f"{dt.date.today().isoformat()}-vllm-{args.vllm_dtype}-t{args.threads}"
+        with VLLMServer(args.peer_python, model_dir, args.threads, args.vllm_dtype, max_len) as url, \
+                httpx.Client(base_url=url, timeout=900) as http:
+            vllm_request(http, prompt(questions[-1], orders[-1])[:64], 1)  # warm-up, shares nothing with the runs
+            result["vllm"] = {"ttft": ttft_rounds(lambda q, d, m: send_vllm(http, q, d, m), ttft_questions, orders),
+                              "load": load_levels(url, send_vllm, plans, args)}
+
+    name = f"{dt.date.today().isoformat()}-vllm-{args.vllm_dtype}-t{args.threads}.json"
+    stem = next_free_path(args.out_dir / name).with_suffix("")  # never overwrite an earlier run
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     Path(f"{stem}.md").write_text(text + "\n")
     print(text)
     print(f"\nwrote {stem}.json, {stem}.md")
     return 0
+
+
+WORKLOAD = ("threads", "questions", "clients", "requests_per_client", "max_new_tokens", "vllm_dtype")
+
+
+def earlier_vllm(path: Path, config: dict) -> dict:
+    """vLLM's results from an earlier run of the same workload; a different workload is refused, naming it."""
+    earlier = json.loads(Path(path).read_text())
+    differs = {k: (earlier["config"].get(k), config[k]) for k in WORKLOAD if earlier["config"].get(k) != config[k]}
+    if differs:
+        raise SystemExit(f"{path} ran another workload (earlier, now): {differs}; run vLLM again instead")
+    return earlier["vllm"]
 
 
 def markdown(result: dict) -> str:
@@ -270,6 +297,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {ours['clients']} | {peer['requests_per_s']:.3f} | {ours['requests_per_s']:.3f} | "
                      f"{ours['requests_per_s'] / peer['requests_per_s']:.2f}x | {peer['ttft_p50_s']:.2f} s | "
                      f"{ours['ttft_p50_s']:.2f} s | {ours['ttft_p50_s'] / peer['ttft_p50_s']:.2f}x |")
+    if result["config"].get("vllm_from"):
+        lines += ["", f"vLLM's figures are from an earlier run of the same workload: `{result['config']['vllm_from']}`."]
     lines += ["", "**Configuration:** " + json.dumps(result["config"])]
     return "\n".join(lines)
 

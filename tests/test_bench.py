@@ -288,3 +288,21 @@ def test_load_report_names_every_server_and_compares_each_with_one_at_a_time():
     text = markdown({}, {name: [r for r in levels if r["clients"] == 8] for name, levels in rows.items()
                          if name != "batched_prefills"}, eight)
     assert "- 8 clients: completion tok/s = 3.00x one at a time\n" in text + "\n" and "nan" not in text
+
+
+def test_peer_reuses_vllm_results_only_from_the_same_workload(tmp_path):
+    from bench.peer import earlier_vllm, markdown
+
+    config = {"threads": 2, "questions": 8, "clients": [1, 8], "requests_per_client": 2, "max_new_tokens": 32,
+              "vllm_dtype": "float32"}
+    level = {"clients": 1, "requests_per_s": 0.1, "ttft_p50_s": 10.0}
+    vllm = {"ttft": [{"in_order": 20.0, "repeat": 0.5, "moved": 20.0}], "load": [level]}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"config": config, "vllm": vllm}))
+    assert earlier_vllm(earlier, config) == vllm
+    with pytest.raises(SystemExit, match="questions"):
+        earlier_vllm(earlier, config | {"questions": 10})
+    ours = {"ttft": [{"in_order": 15.0, "repeat": 5.0, "moved": 5.0}],
+            "load": [level | {"requests_per_s": 0.2, "ttft_p50_s": 4.0}]}
+    text = markdown({"config": config | {"vllm_from": str(earlier)}, "vllm": vllm, "chunkcache": ours})
+    assert "| 1 | 0.100 | 0.200 | 2.00x | 10.00 s | 4.00 s | 0.40x |" in text and "earlier run" in text
