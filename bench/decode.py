@@ -26,6 +26,7 @@ import torch
 from bench import metrics
 from bench.data import DEFAULT_DATA, REPO_ROOT, load_questions
 from bench.envinfo import dump_json, environment, next_free_path
+from bench.http import stop_engines_but
 from bench.kernels import time_cpu
 from chunkcache.config import LINEAR_DTYPES
 
@@ -76,10 +77,7 @@ def speed(pipes: dict, questions, max_new_tokens: int) -> dict:
     for number, q in enumerate(questions):
         order = list(pipes) if number % 2 == 0 else list(reversed(pipes))
         for name in order:
-            # One engine thread at a time: two OpenMP teams throttle each other (chunkcache/openmp.py).
-            for other in pipes:
-                if other != name:
-                    pipes[other].stop_engine()
+            stop_engines_but(pipes, name)  # one engine thread at a time
             answer = pipes[name].query(q.question, documents=list(q.documents[:1]), mode="reuse",
                                        max_new_tokens=max_new_tokens)
             steps = max(1, answer.stats.completion_tokens)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.envinfo import next_free_path
 from bench.http import (LoopbackServer, configuration, in_worker, open_pipeline, query_stream, questions,
-                        summarize, workload_args)
+                        stop_engines_but, summarize, workload_args)
 
 RESULTS_DIR = Path(__file__).parent / "results" / "load"
 
@@ -217,11 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         for clients in args.clients:
             for name, _, _ in named:
                 print(f"{clients} clients, {name} ...", file=sys.stderr)
-                # One engine thread at a time: each keeps an OpenMP team while it lives, and two teams on these
-                # cores make libgomp throttle both (chunkcache/openmp.py; it slowed decode ~1.4x).
-                for other in pipes.values():
-                    if other is not pipes[name]:
-                        other.stop_engine()
+                stop_engines_but(pipes, name)  # one engine thread at a time
                 warm_up(pipes[name], args)
                 rows[name].append(run_level(urls[name], clients, args))
     for served in pipes.values():

@@ -86,6 +86,13 @@ class EngineLimits:
                              f"({self.max_running}): every running request decodes one token per step")
 
 
+def default_prefilling(max_running: int, device: torch.device) -> int:
+    """Requests prefilling at once: 1 on CPU, where a batch of prefills costs the sum of its members, so one
+    after another gives earlier first tokens for the same work; max_running on a GPU, where a batch costs
+    little more than one."""
+    return max_running if device.type == "cuda" else 1
+
+
 def default_kv_bytes(device: torch.device) -> int:
     """A quarter of the device's memory (of the machine's RAM on CPU)."""
     if device.type == "cuda":

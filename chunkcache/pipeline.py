@@ -25,7 +25,7 @@ from .calibration import load_blend_log_scale, load_chunk_log_scale, load_contex
 from .config import MODES, ChunkCacheConfig, check_ratio
 from .context import enriched
 from .distributed import RayOptions
-from .engine import Engine, EngineLimits, Ticket, default_kv_bytes
+from .engine import Engine, EngineLimits, Ticket, default_kv_bytes, default_prefilling
 from .openmp import in_passing_thread
 from .errors import QueryError, RequestCancelled  # noqa: F401  (part of this module's API)
 from .forward import forward_batch, forward_tokens
@@ -137,7 +137,7 @@ class RAGPipeline:
             if self._engine is None:
                 cfg = self.config
                 device = self.rt.lm.device
-                prefilling = cfg.max_prefilling or (cfg.max_running if device.type == "cuda" else 1)
+                prefilling = cfg.max_prefilling or default_prefilling(cfg.max_running, device)
                 self._engine = Engine(self, EngineLimits(cfg.max_running, cfg.max_batched_tokens, cfg.max_waiting,
                                                          cfg.max_kv_bytes or default_kv_bytes(device), prefilling))
             return self._engine
